@@ -1,0 +1,52 @@
+"""pi0remote: run a robot policy on a remote GPU as if it were local.
+
+>>> from pi0remote import connect
+>>> with connect("tcp://gpu-box:8765") as client:          # doctest: +SKIP
+...     reply = client.infer({"cam_high": image_chw_uint8, "state": joints_f32})
+...     chunk = reply["action"]                              # (50, 14) float32
+
+Nothing heavy is imported here: transports, the server, the simulator and optional backends load
+only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    CodecError,
+    ConnectError,
+    ConnectionLost,
+    InvalidInputError,
+    MessageTooLarge,
+    Pi0RemoteError,
+    ProtocolError,
+    RemotePolicyError,
+    RequestTimeout,
+    ServerError,
+    TransportError,
+    VersionMismatch,
+)
+from .client import AsyncPolicyClient, PolicyClient, aconnect, connect  # noqa: E402
+
+__all__ = [
+    "AsyncPolicyClient",
+    "AuthenticationError",
+    "CodecError",
+    "ConnectError",
+    "ConnectionLost",
+    "InvalidInputError",
+    "MessageTooLarge",
+    "Pi0RemoteError",
+    "PolicyClient",
+    "ProtocolError",
+    "RemotePolicyError",
+    "RequestTimeout",
+    "ServerError",
+    "TransportError",
+    "VersionMismatch",
+    "__version__",
+    "aconnect",
+    "connect",
+]

@@ -1,0 +1,215 @@
+"""``ws://host:port/ws`` and ``wss://``: one pi0remote message per binary WebSocket message.
+
+The sync client drives the ``websockets`` package's sans-I/O ``ClientProtocol`` over a blocking
+socket: no background thread and no hand-offs per call. The token goes in the upgrade request's
+``Authorization: Bearer`` header; then HELLO / METADATA as on every transport.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from .. import protocol
+from ..errors import AuthenticationError, ConnectError, ConnectionLost, MessageTooLarge, ProtocolError, RequestTimeout
+from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
+from .base import AsyncTransport, Transport, _decode_reply
+
+
+def _close_error(code: int | None, reason: str) -> Exception:
+    if code == 1009:
+        return MessageTooLarge(f"server closed the WebSocket: message too big ({reason})")
+    return ConnectionLost(f"server closed the WebSocket (code {code}: {reason})")
+
+
+class WsTransport(Transport):
+    scheme = "ws"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        **_: Any,
+    ) -> None:
+        self.url = url
+        self.tls = url.startswith("wss://")
+        self.host, self.port = host_port(url, 443 if self.tls else 80)
+        self.timeout = timeout
+        self.token = token
+        self.retries = retries
+        self.max_message_bytes = max_message_bytes
+        self.sock: socket.socket | None = None
+        self.proto: Any = None
+        self._buf = bytearray(1 << 18)
+        self._fragments: list[bytes] = []
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        assert self.sock is not None
+        data = [d for d in self.proto.data_to_send() if d]
+        if data:
+            send_all(self.sock, *data)
+
+    def _pump(self) -> list[Any]:
+        """Read once from the socket; return the protocol events it completed."""
+        assert self.sock is not None
+        n = recv_into(self.sock, memoryview(self._buf))
+        self.proto.receive_data(bytes(self._buf[:n]))
+        events = self.proto.events_received()
+        self._flush()  # pongs, close replies
+        return events
+
+    def open(self) -> dict[str, Any]:
+        from websockets.client import ClientProtocol
+        from websockets.http11 import Response
+        from websockets.uri import parse_uri
+
+        self.sock = with_retries(
+            lambda: open_socket(self.host, self.port, self.timeout, tls=self.tls), self.url, self.retries
+        )
+        try:
+            self.proto = ClientProtocol(parse_uri(self.url), max_size=self.max_message_bytes)
+            request = self.proto.connect()
+            if self.token is not None:
+                request.headers["Authorization"] = f"Bearer {self.token}"
+            self.proto.send_request(request)
+            self._flush()
+            response = None
+            while response is None:
+                for event in self._pump():
+                    if isinstance(event, Response):
+                        response = event
+            if response.status_code != 101:
+                if response.status_code == 401:
+                    raise AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
+                raise ConnectError(f"WebSocket upgrade refused: HTTP {response.status_code}")
+            if self.proto.handshake_exc is not None:
+                raise ConnectError(f"WebSocket handshake failed: {self.proto.handshake_exc}")
+            kind, body = self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
+            return _decode_reply(kind, body, protocol.METADATA)
+        except BaseException:
+            self.close()
+            raise
+
+    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+        from websockets.frames import Frame, Opcode
+
+        if self.sock is None or self.proto is None:
+            raise ConnectionLost("not connected")
+        try:
+            self.proto.send_binary(message)
+        except Exception as exc:  # websockets refuses to send on a closing connection
+            raise ConnectionLost(f"WebSocket is closed: {exc}") from exc
+        self._flush()
+        while True:
+            for event in self._pump():
+                if not isinstance(event, Frame):
+                    continue
+                if event.opcode == Opcode.CLOSE:
+                    close = self.proto.close_rcvd
+                    raise _close_error(close.code if close else None, close.reason if close else "")
+                if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                    self._fragments.append(event.data)
+                    if event.fin:
+                        data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+                        self._fragments = []
+                        return protocol.split_message(data)
+            if self.proto.close_exc is not None and self.proto.state.name == "CLOSED":
+                raise ConnectionLost("WebSocket closed")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.proto.send_close()
+                self._flush()
+            except Exception:
+                pass
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self.proto = None
+
+
+class AsyncWsTransport(AsyncTransport):
+    scheme = "ws"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        **_: Any,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.token = token
+        self.retries = retries
+        self.max_message_bytes = max_message_bytes
+        self.ws: Any = None
+
+    async def open(self) -> dict[str, Any]:
+        import asyncio
+
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else None
+        delay = 0.1
+        for attempt in range(self.retries + 1):
+            try:
+                self.ws = await connect(
+                    self.url,
+                    additional_headers=headers,
+                    max_size=self.max_message_bytes,
+                    compression=None,
+                    open_timeout=self.timeout,
+                    ping_interval=None,
+                )
+                break
+            except InvalidStatus as exc:
+                if exc.response.status_code == 401:
+                    raise AuthenticationError("server refused the WebSocket upgrade: missing or wrong token") from exc
+                raise ConnectError(f"WebSocket upgrade refused: HTTP {exc.response.status_code}") from exc
+            except (OSError, asyncio.TimeoutError) as exc:
+                if attempt == self.retries:
+                    raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+        kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
+        return _decode_reply(kind, body, protocol.METADATA)
+
+    async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        if self.ws is None:
+            raise ConnectionLost("not connected")
+        try:
+            await self.ws.send(message)
+            data = await asyncio.wait_for(self.ws.recv(), self.timeout)
+        except asyncio.TimeoutError as exc:
+            raise RequestTimeout("no reply within the timeout") from exc
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+        if isinstance(data, str):
+            raise ProtocolError("server sent a text WebSocket message")
+        return protocol.split_message(data)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            try:
+                await self.ws.close()
+            except Exception:
+                pass
+            self.ws = None

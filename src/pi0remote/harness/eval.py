@@ -1,0 +1,405 @@
+"""Closed-loop evaluation of a policy on gym-aloha, through any transport.
+
+The pieces, each small enough to read at once:
+
+* :func:`open_policy` turns a mode (``tcp://host:port``, ``local://expert``, or a bare policy name such
+  as ``expert``) into a client with ``infer`` / ``metadata`` / ``reset`` / ``close``;
+* :class:`SyncExecutor` is *the* place that decides what happens while a request is in flight: here
+  the simulated world waits for the reply, and the robot clock (``dt`` per step plus the measured round
+  trip per request) records how long a real robot would have stood still. A later real-time or
+  asynchronous executor replaces this one object;
+* :func:`run_episode` is the step loop: query, execute ``action_horizon`` steps of the chunk
+  (:func:`execute_chunk`), repeat until success or the step limit;
+* :class:`EpisodeMetrics` collects what one episode did; :func:`aggregate` summarises a mode;
+* :class:`ResultsWriter` writes everything into a timestamped folder (JSON lines, aggregate JSON,
+  Markdown summary, success-rate chart) and :func:`format_table` prints the final table.
+
+Heavy imports (gym-aloha, MuJoCo, matplotlib, tqdm) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .stats import mean, percentile, wilson_interval
+
+DEFAULT_TASK = "AlohaTransferCube-v0"
+DEFAULT_OUT = "results/eval"
+DT = 0.02  # gym-aloha control period (50 Hz)
+
+
+# --------------------------------------------------------------------------------------------- policy
+
+
+class DirectPolicy:
+    """A policy object called in process without a codec: the fallback when no client is available,
+    and the adapter tests use to hand the harness a policy object."""
+
+    def __init__(self, policy: Any, name: str = "policy") -> None:
+        from ..policies.base import policy_metadata
+
+        self.policy = policy
+        self.metadata = policy_metadata(policy, name).to_dict()
+
+    @classmethod
+    def load(cls, name: str) -> DirectPolicy:
+        from ..policies import load_policy
+
+        return cls(load_policy(name), name)
+
+    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        reply = dict(self.policy.infer(obs))
+        ms = (time.perf_counter() - t0) * 1000
+        reply.setdefault("inference_ms", ms)
+        reply.setdefault("client_timing", {"round_trip_ms": ms})
+        return reply
+
+    def reset(self) -> None:
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
+
+    def close(self) -> None:
+        pass
+
+
+def open_policy(mode: str) -> Any:
+    """A client for ``mode``: a URL (``tcp://``, ``http://``, ``ws://``, ``local://NAME`` ...) or a bare
+    policy name, which runs in process through ``local://NAME`` (the codec included)."""
+    try:
+        from .. import connect
+    except ImportError:  # the client package is not importable: run names in process, no codec
+        connect = None
+    if connect is not None:
+        return connect(mode if "://" in mode else f"local://{mode}")
+    if "://" in mode and not mode.startswith("local://"):
+        raise RuntimeError(f"cannot open {mode!r}: pi0remote.connect is not importable")
+    return DirectPolicy.load(mode.removeprefix("local://"))
+
+
+def metadata_dict(client: Any) -> dict[str, Any]:
+    meta = getattr(client, "metadata", None) or {}
+    return meta.to_dict() if hasattr(meta, "to_dict") else dict(meta)
+
+
+# ------------------------------------------------------------------------------------------- executor
+
+
+@dataclass
+class Reply:
+    action: np.ndarray
+    """The chunk, float32[H, 14]."""
+    round_trip_ms: float
+    """Request to reply as the client saw it."""
+    inference_ms: float | None
+    """The server's policy time, when it reports one."""
+
+
+class SyncExecutor:
+    """Blocking execution on simulated time: nothing moves while a request is in flight.
+
+    ``robot_time_s`` advances by ``dt`` per step and by each request's round trip, i.e. the time line
+    of a real robot that stands still while it waits for the next chunk (``record`` draws its
+    side-by-side videos on it).
+    """
+
+    name = "sync"
+
+    def __init__(self, dt: float = DT) -> None:
+        self.dt = dt
+        self.robot_time_s = 0.0
+
+    def start_episode(self) -> None:
+        self.robot_time_s = 0.0
+
+    def query(self, client: Any, request: dict[str, Any]) -> Reply:
+        t0 = time.perf_counter()
+        raw = client.infer(request)
+        wall_ms = (time.perf_counter() - t0) * 1000
+        rtt = (raw.get("client_timing") or {}).get("round_trip_ms", wall_ms)
+        inference = raw.get("inference_ms", (raw.get("server_timing") or {}).get("inference_ms"))
+        self.robot_time_s += float(rtt) / 1000
+        action = np.asarray(raw["action"], dtype=np.float32)
+        return Reply(action, float(rtt), None if inference is None else float(inference))
+
+    def step(self, env: Any, action: np.ndarray) -> tuple[float, bool, bool]:
+        _, reward, terminated, truncated, _ = env.step(action)
+        self.robot_time_s += self.dt
+        return reward, terminated, truncated
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class EpisodeResult:
+    mode: str
+    episode: int
+    seed: int
+    success: bool
+    success_step: int | None
+    max_reward: float
+    steps: int
+    policy_calls: int
+    inference_ms_p50: float | None
+    inference_ms_p95: float | None
+    round_trip_ms_p50: float | None
+    round_trip_ms_p95: float | None
+    robot_time_s: float
+    wall_s: float
+
+
+@dataclass
+class EpisodeMetrics:
+    mode: str
+    episode: int
+    seed: int
+    steps: int = 0
+    max_reward: float = 0.0
+    success_step: int | None = None
+    inference_ms: list[float] = field(default_factory=list)
+    round_trip_ms: list[float] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def record_call(self, reply: Reply) -> None:
+        self.round_trip_ms.append(reply.round_trip_ms)
+        if reply.inference_ms is not None:
+            self.inference_ms.append(reply.inference_ms)
+
+    def record_step(self, reward: float, terminated: bool) -> None:
+        self.steps += 1
+        self.max_reward = max(self.max_reward, float(reward))
+        if terminated and self.success_step is None:
+            self.success_step = self.steps
+
+    def result(self, robot_time_s: float) -> EpisodeResult:
+        return EpisodeResult(
+            mode=self.mode, episode=self.episode, seed=self.seed,
+            success=self.success_step is not None, success_step=self.success_step,
+            max_reward=self.max_reward, steps=self.steps, policy_calls=len(self.round_trip_ms),
+            inference_ms_p50=percentile(self.inference_ms, 50), inference_ms_p95=percentile(self.inference_ms, 95),
+            round_trip_ms_p50=percentile(self.round_trip_ms, 50), round_trip_ms_p95=percentile(self.round_trip_ms, 95),
+            robot_time_s=robot_time_s, wall_s=time.perf_counter() - self.t0,
+        )  # fmt: skip
+
+
+def aggregate(mode: str, episodes: list[EpisodeResult]) -> dict[str, Any]:
+    """One mode's summary: success rate with its 95 % Wilson interval, steps and latencies."""
+    n, k = len(episodes), sum(e.success for e in episodes)
+    low, high = wilson_interval(k, n)
+    pooled = [x for e in episodes for x in (e.inference_ms_p50,) if x is not None]
+    rtt = [x for e in episodes for x in (e.round_trip_ms_p50,) if x is not None]
+    return {
+        "mode": mode,
+        "episodes": n,
+        "successes": k,
+        "success_rate": k / n if n else 0.0,
+        "wilson95_low": low,
+        "wilson95_high": high,
+        "mean_steps_to_success": mean([e.success_step for e in episodes if e.success_step is not None]),
+        "inference_ms_p50": percentile(pooled, 50),
+        "round_trip_ms_p50": percentile(rtt, 50),
+        "round_trip_ms_p95": percentile([e.round_trip_ms_p95 for e in episodes if e.round_trip_ms_p95], 50),
+        "policy_calls_per_episode": mean([e.policy_calls for e in episodes]),
+        "wall_s": sum(e.wall_s for e in episodes),
+    }
+
+
+# -------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class EvalConfig:
+    task: str = DEFAULT_TASK
+    episodes: int = 10
+    seed: int = 0
+    action_horizon: int = 10
+    max_steps: int = 400
+    images: bool = True
+    """Render the top camera and send ``cam_high`` with every request (π₀ needs it; the expert does not)."""
+    out: str = DEFAULT_OUT
+
+
+def make_request(env: Any, step: int, env_state: dict[str, Any] | None, images: bool) -> dict[str, Any]:
+    """The request for the current state; ``env_state`` and ``step`` only for policies that ask."""
+    from ..sim.env import obs_to_request
+
+    obs = env.observation(pixels=images)
+    if env_state is None:
+        return obs_to_request(obs)
+    return obs_to_request(obs, step=step, env_state=env_state)
+
+
+StepCallback = Callable[[Any, int, float, "Reply | None"], None]
+"""``on_step(env, step, reward, reply)`` after every environment step (``reply``: the chunk's)."""
+
+
+def execute_chunk(
+    env: Any, executor: SyncExecutor, actions: np.ndarray, metrics: EpisodeMetrics,
+    reply: Reply, on_step: StepCallback | None = None,
+) -> bool:  # fmt: skip
+    """Execute the given actions; True once the episode is over (success or step limit)."""
+    for action in actions:
+        reward, terminated, truncated = executor.step(env, action)
+        metrics.record_step(reward, terminated)
+        if on_step is not None:
+            on_step(env, metrics.steps, reward, reply)
+        if terminated or truncated or metrics.steps >= env.max_steps:
+            return True
+    return False
+
+
+def run_episode(
+    client: Any, env: Any, seed: int, cfg: EvalConfig, *, mode: str = "policy", episode: int = 0,
+    executor: SyncExecutor | None = None, on_step: StepCallback | None = None, progress: Any = None,
+) -> EpisodeResult:  # fmt: skip
+    """One seeded episode: query a chunk, execute ``action_horizon`` steps of it, repeat."""
+    executor = executor or SyncExecutor()
+    needs_state = bool(metadata_dict(client).get("needs_env_state", False))
+    env.reset(seed=seed)
+    env_state = env.env_state() if needs_state else None
+    if hasattr(client, "reset"):
+        client.reset()
+    executor.start_episode()
+    metrics = EpisodeMetrics(mode=mode, episode=episode, seed=seed)
+    done = False
+    while not done:
+        reply = executor.query(client, make_request(env, metrics.steps, env_state, cfg.images))
+        metrics.record_call(reply)
+        before = metrics.steps
+        done = execute_chunk(env, executor, reply.action[: cfg.action_horizon], metrics, reply, on_step)
+        if progress is not None:
+            progress.update(metrics.steps - before)
+            progress.set_postfix(reward=f"{metrics.max_reward:.0f}", rtt=f"{reply.round_trip_ms:.1f}ms")
+    return metrics.result(executor.robot_time_s)
+
+
+def check_task(meta: dict[str, Any], task: str, mode: str) -> None:
+    tasks = meta.get("tasks")
+    if tasks and task not in tasks:
+        raise SystemExit(f"{mode}: policy {meta.get('name')!r} supports {tasks}, not {task}")
+
+
+def evaluate_mode(
+    mode: str, cfg: EvalConfig, env: Any, writer: ResultsWriter | None = None, client: Any = None,
+) -> list[EpisodeResult]:  # fmt: skip
+    """All episodes of one mode (same seeds as every other mode), one progress bar per episode."""
+    from tqdm import tqdm
+
+    own = client is None
+    client = open_policy(mode) if own else client
+    try:
+        check_task(metadata_dict(client), cfg.task, mode)
+        results = []
+        for i in range(cfg.episodes):
+            seed = cfg.seed + i
+            with tqdm(total=cfg.max_steps, desc=f"{mode} ep{i} seed {seed}", unit="step", leave=False) as bar:
+                res = run_episode(client, env, seed, cfg, mode=mode, episode=i, progress=bar)
+            tqdm.write(episode_line(res))
+            results.append(res)
+            if writer is not None:
+                writer.episode(res)
+        return results
+    finally:
+        if own and hasattr(client, "close"):
+            client.close()
+
+
+def episode_line(r: EpisodeResult) -> str:
+    outcome = f"success at step {r.success_step}" if r.success else f"fail (max reward {r.max_reward:.0f})"
+    rtt = f"{r.round_trip_ms_p50:.1f}" if r.round_trip_ms_p50 is not None else "-"
+    return f"{r.mode}  seed {r.seed}: {outcome}, {r.policy_calls} calls, rtt p50 {rtt} ms, {r.wall_s:.1f} s"
+
+
+# -------------------------------------------------------------------------------------------- results
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(aggregates: Iterable[dict[str, Any]]) -> str:
+    """A Markdown table, readable as plain text."""
+    head = "| mode | success | rate [95% CI] | mean steps | infer p50 ms | rtt p50 ms | rtt p95 ms | calls/ep |"
+    lines = [head, "|" + "---|" * 8]
+    for a in aggregates:
+        rate = f"{a['success_rate']:.0%} [{a['wilson95_low']:.0%}, {a['wilson95_high']:.0%}]"
+        lines.append(
+            f"| {a['mode']} | {a['successes']}/{a['episodes']} | {rate} | {_fmt(a['mean_steps_to_success'])} "
+            f"| {_fmt(a['inference_ms_p50'], '.2f')} | {_fmt(a['round_trip_ms_p50'], '.2f')} "
+            f"| {_fmt(a['round_trip_ms_p95'], '.2f')} | {_fmt(a['policy_calls_per_episode'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Bar chart of success rate per mode with 95 % Wilson interval bars (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = np.array([a["success_rate"] for a in aggregates])
+    err = np.array([[r - a["wilson95_low"], a["wilson95_high"] - r] for r, a in zip(rates, aggregates)]).T
+    fig, ax = plt.subplots(figsize=(1.6 * len(aggregates) + 2.5, 3.6))
+    ax.bar(range(len(aggregates)), rates, yerr=err, capsize=6, color="#4c72b0")
+    ax.set_xticks(range(len(aggregates)), [a["mode"] for a in aggregates], rotation=15, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class ResultsWriter:
+    """A timestamped folder under ``out``: config.json, episodes.jsonl, aggregate.json, summary.md,
+    success_rate.png."""
+
+    def __init__(self, out: str | Path, config: dict[str, Any], prefix: str = "") -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.dir = Path(out) / f"{prefix}{stamp}"
+        n = 1
+        while self.dir.exists():
+            n += 1
+            self.dir = Path(out) / f"{prefix}{stamp}-{n}"
+        self.dir.mkdir(parents=True)
+        self.config = config
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        self._episodes = (self.dir / "episodes.jsonl").open("a")
+
+    def episode(self, result: EpisodeResult) -> None:
+        self._episodes.write(json.dumps(asdict(result)) + "\n")
+        self._episodes.flush()
+
+    def finish(self, aggregates: list[dict[str, Any]]) -> str:
+        self._episodes.close()
+        (self.dir / "aggregate.json").write_text(json.dumps(aggregates, indent=2) + "\n")
+        table = format_table(aggregates)
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "modes")
+        (self.dir / "summary.md").write_text(f"# Evaluation {self.dir.name}\n\n{cfg}\n\n{table}\n")
+        plot_success(aggregates, self.dir / "success_rate.png", f"{self.config.get('task', '')}")
+        return table
+
+
+def evaluate(modes: list[str], cfg: EvalConfig, clients: dict[str, Any] | None = None) -> tuple[Path, list[dict]]:
+    """Evaluate every mode on the same seeds; returns the results folder and the aggregates."""
+    from ..sim.env import make_env
+
+    writer = ResultsWriter(cfg.out, {**asdict(cfg), "modes": modes})
+    aggregates = []
+    with make_env(cfg.task, render=False, max_steps=cfg.max_steps) as env:
+        for mode in modes:
+            results = evaluate_mode(mode, cfg, env, writer, (clients or {}).get(mode))
+            aggregates.append(aggregate(mode, results))
+    table = writer.finish(aggregates)
+    print(f"\n{table}\n\nresults: {writer.dir}")
+    return writer.dir, aggregates

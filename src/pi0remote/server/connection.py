@@ -1,0 +1,116 @@
+"""What every server-side connection shares: an inbox served in order, an idle timer, the core."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .core import ServerCore, Session
+
+
+class MessageConnection:
+    """Serves complete messages one at a time, in arrival order, and closes idle peers.
+
+    A subclass (or owner) delivers complete messages with :meth:`message_received` and provides
+    ``send(reply)`` and ``close()`` callbacks. The idle timer runs only while nothing is in flight, and
+    restarts on each complete message and each reply, so a peer that connects and sends nothing, or
+    stalls in the middle of a message, is closed after ``idle_timeout`` seconds.
+    """
+
+    MAX_QUEUED = 8
+
+    def __init__(
+        self,
+        core: ServerCore,
+        session: Session,
+        *,
+        send: Callable[[bytes], None],
+        close: Callable[[], None],
+        idle_timeout: float | None,
+        pause: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.session = session
+        self._send = send
+        self._close = close
+        self._pause = pause
+        self.idle_timeout = idle_timeout
+        self._inbox: deque[Any] = deque()
+        self._task: asyncio.Task | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self.closed = False
+        self._paused = False
+        self.restart_idle_timer()
+
+    def restart_idle_timer(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self.idle_timeout and not self.closed:
+            self._idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._on_idle)
+
+    def suspend_idle_timer(self) -> None:
+        """Stop the idle clock while the owner has a request in flight."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if self._task is None and not self.closed:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self._close()
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        self._inbox.clear()
+
+    def message_received(self, message: Any) -> None:
+        if self.closed:
+            return
+        if self._task is None and not self._inbox:
+            now = self.core.handle_now(message, self.session)
+            if now is not None:
+                self._deliver(*now)
+                return
+        self._inbox.append(message)
+        self.suspend_idle_timer()
+        if len(self._inbox) >= self.MAX_QUEUED and self._pause and not self._paused:
+            self._paused = True
+            self._pause(True)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _deliver(self, reply: bytes, keep_open: bool) -> None:
+        if self.closed:
+            return
+        self._send(reply)
+        if not keep_open:
+            self.shutdown()
+        else:
+            self.restart_idle_timer()
+
+    async def _serve(self) -> None:
+        try:
+            while self._inbox and not self.closed:
+                message = self._inbox.popleft()
+                if self._paused and len(self._inbox) < self.MAX_QUEUED // 2 and self._pause:
+                    self._paused = False
+                    self._pause(False)
+                reply, keep_open = await self.core.handle(message, self.session)
+                self._deliver(reply, keep_open)
+        finally:
+            self._task = None
+            if not self.closed:
+                self.restart_idle_timer()

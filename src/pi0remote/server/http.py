@@ -1,0 +1,336 @@
+"""HTTP/1.1 and WebSocket on one port.
+
+``POST /infer`` (msgpack body in, msgpack reply out), ``POST /reset``, ``GET /metadata``,
+``GET /healthz`` and ``GET /ws`` (WebSocket upgrade; the WebSocket side is the ``websockets``
+package's sans-I/O protocol). Persistent connections, ``Expect: 100-continue``, bodies bounded by the
+server's message size limit. A small hand-written HTTP/1.1 parser instead of an ASGI stack: it serves
+only these endpoints and costs a fraction of a framework's per-request Python (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+from .. import protocol
+from ..errors import AuthenticationError, MessageTooLarge, Pi0RemoteError, ProtocolError, to_wire
+from .connection import MessageConnection
+from .core import ServerCore, Session
+
+MAX_HEAD_BYTES = 16384
+
+_STATUS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "server": 500}
+
+
+def status_for(exc: BaseException) -> int:
+    code = exc.code if isinstance(exc, Pi0RemoteError) else "policy"
+    return _ERROR_STATUS.get(code, 400)
+
+
+class _Request:
+    __slots__ = ("method", "path", "headers", "head")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], head: bytes) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.head = head
+
+
+def parse_head(head: bytes) -> _Request:
+    """Request line and headers (names lower-cased) of one HTTP/1.1 request head."""
+    try:
+        text = head.decode("latin-1")
+        lines = text.split("\r\n")
+        method, target, version = lines[0].split(" ")
+    except ValueError as exc:
+        raise ProtocolError("malformed HTTP request line") from exc
+    if not version.startswith("HTTP/1."):
+        raise ProtocolError(f"unsupported HTTP version {version!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ProtocolError("malformed HTTP header line")
+        headers[name.lower()] = value.strip()
+    path = target.split("?", 1)[0]
+    return _Request(method, path, headers, head)
+
+
+def response_head(status: int, content_type: str, length: int, *, close: bool = False) -> bytes:
+    return (
+        f"HTTP/1.1 {status} {_STATUS.get(status, 'Error')}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode("latin-1")
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(
+        self, core: ServerCore, *, max_message_bytes: int, idle_timeout: float | None, debug: bool = False
+    ) -> None:
+        self.core = core
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout = idle_timeout
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.request: _Request | None = None
+        self.body_length = 0
+        self.ws: WebSocketSession | None = None
+        self.conn: MessageConnection | None = None
+        self.busy = False
+
+    # -- connection ------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # HTTP requests are not MessageConnection messages, but the idle timer is the same.
+        self.conn = MessageConnection(
+            self.core, Session(True, "http"), send=self._write, close=transport.close, idle_timeout=self.idle_timeout
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ws is not None:
+            self.ws.connection_lost()
+        if self.conn is not None:
+            self.conn.connection_lost()
+        self.transport = None
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        self.buf += data
+        if not self.busy:
+            self._process()
+
+    # -- HTTP request loop ----------------------------------------------------------------------
+    def _process(self) -> None:
+        while self.transport is not None and not self.busy and self.ws is None:
+            if self.request is None:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD_BYTES:
+                        self._respond_error(431, ProtocolError("request head too large"), close=True)
+                    return
+                head = bytes(self.buf[: end + 4])
+                del self.buf[: end + 4]
+                try:
+                    self.request = parse_head(head)
+                    self.body_length = self._body_length(self.request)
+                except Pi0RemoteError as exc:
+                    self._respond_error(status_for(exc) if isinstance(exc, MessageTooLarge) else 400, exc, close=True)
+                    return
+                if self._upgrade_requested(self.request):
+                    self._start_websocket(self.request)
+                    return
+                if self.request.headers.get("expect", "").lower() == "100-continue" and self.body_length:
+                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if len(self.buf) < self.body_length:
+                return
+            body = bytes(self.buf[: self.body_length])
+            del self.buf[: self.body_length]
+            request, self.request = self.request, None
+            self._dispatch(request, body)
+
+    def _body_length(self, request: _Request) -> int:
+        if "transfer-encoding" in request.headers:
+            raise ProtocolError("chunked request bodies are not supported: send Content-Length")
+        try:
+            length = int(request.headers.get("content-length", "0"))
+        except ValueError as exc:
+            raise ProtocolError("bad Content-Length") from exc
+        if length < 0:
+            raise ProtocolError("bad Content-Length")
+        if length > self.max_message_bytes:
+            raise MessageTooLarge(f"body of {length} bytes exceeds the limit of {self.max_message_bytes}")
+        return length
+
+    @staticmethod
+    def _upgrade_requested(request: _Request) -> bool:
+        return request.method == "GET" and "websocket" in request.headers.get("upgrade", "").lower()
+
+    def _keep_alive(self, request: _Request) -> bool:
+        return request.headers.get("connection", "").lower() != "close"
+
+    def _respond(self, status: int, content_type: str, body: bytes, *, close: bool = False) -> None:
+        self._write(response_head(status, content_type, len(body), close=close) + body)
+        if close:
+            if self.transport is not None:
+                self.transport.close()
+        elif self.conn is not None:
+            self.conn.restart_idle_timer()
+
+    def _respond_error(self, status: int, exc: BaseException, *, close: bool = False, request: _Request | None = None) -> None:
+        body = to_wire(exc)
+        if request is not None and "application/json" in request.headers.get("accept", ""):
+            self._respond(status, "application/json", json.dumps(body).encode(), close=close)
+        else:
+            self._respond(status, "application/msgpack", protocol.codec.packb(body), close=close)
+
+    def _dispatch(self, request: _Request, body: bytes) -> None:
+        close = not self._keep_alive(request)
+        path, method = request.path, request.method
+        if path == "/healthz":
+            ready = self.core.ready
+            payload = json.dumps({"status": "ok" if ready else "starting"}).encode()
+            self._respond(200 if ready else 503, "application/json", payload, close=close)
+            return
+        if path not in ("/infer", "/metadata", "/reset", "/ws"):
+            self._respond_error(404, ProtocolError(f"no endpoint {path}"), close=close, request=request)
+            return
+        if not self.core.check_bearer(request.headers.get("authorization")):
+            self._respond_error(401, AuthenticationError("missing or wrong token"), close=close, request=request)
+            return
+        if path == "/metadata" and method == "GET":
+            if "application/json" in request.headers.get("accept", ""):
+                self._respond(200, "application/json", json.dumps(self.core.metadata()).encode(), close=close)
+            else:
+                self._respond(200, "application/msgpack", self.core.metadata_body(), close=close)
+            return
+        expected = {"/infer": "POST", "/reset": "POST", "/ws": "GET"}.get(path)
+        if method != expected:
+            self._respond_error(405, ProtocolError(f"{path} takes {expected}"), close=close, request=request)
+            return
+        if path == "/ws":
+            self._respond_error(400, ProtocolError("/ws needs a WebSocket upgrade"), close=close, request=request)
+            return
+        kind = protocol.INFER if path == "/infer" else protocol.RESET
+        self.busy = True
+        if self.conn is not None:
+            self.conn.suspend_idle_timer()
+        asyncio.get_running_loop().create_task(self._run(kind, body, close, request))
+
+    async def _run(self, kind: int, body: bytes, close: bool, request: _Request) -> None:
+        try:
+            if kind == protocol.INFER:
+                reply = await self.core.infer(body, with_kind=False)
+            else:
+                await self.core.runner.areset()
+                reply = protocol.codec.packb({})
+            self._respond(200, "application/msgpack", reply, close=close)
+        except Exception as exc:
+            self._respond_error(status_for(exc), exc, close=close, request=request)
+        finally:
+            self.busy = False
+        if self.transport is not None and self.buf:
+            self._process()
+
+    # -- WebSocket ------------------------------------------------------------------------------
+    def _start_websocket(self, request: _Request) -> None:
+        if request.path != "/ws":
+            self._respond_error(404, ProtocolError(f"no WebSocket endpoint at {request.path}"), close=True)
+            return
+        assert self.transport is not None
+        if self.conn is not None:
+            self.conn.connection_lost()  # the WebSocket session keeps its own idle timer
+            self.conn = None
+        leftover = bytes(self.buf)
+        self.buf.clear()
+        self.ws = WebSocketSession(
+            self.core, self.transport, request, max_message_bytes=self.max_message_bytes, idle_timeout=self.idle_timeout
+        )
+        if leftover:
+            self.ws.data_received(leftover)
+
+
+class WebSocketSession:
+    """One upgraded connection: websockets' sans-I/O ``ServerProtocol`` driven by our transport."""
+
+    def __init__(
+        self,
+        core: ServerCore,
+        transport: asyncio.Transport,
+        request: _Request,
+        *,
+        max_message_bytes: int,
+        idle_timeout: float | None,
+    ) -> None:
+        from websockets.frames import Opcode
+        from websockets.server import ServerProtocol
+
+        self._opcode = Opcode
+        self.transport = transport
+        self.proto = ServerProtocol(max_size=max_message_bytes)
+        self.proto.receive_data(request.head)
+        ws_request = self.proto.events_received()[0]
+        authorised = core.check_bearer(request.headers.get("authorization"))
+        if authorised:
+            response = self.proto.accept(ws_request)
+        else:
+            response = self.proto.reject(401, "missing or wrong token\n")
+        self.proto.send_response(response)
+        self.fragments: list[bytes] = []
+        self.conn = MessageConnection(
+            core,
+            Session(authenticated=authorised, transport="ws"),
+            send=self._send,
+            close=self._close,
+            idle_timeout=idle_timeout,
+        )
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.proto.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.writelines(data)
+        if self.proto.close_expected() and not self.transport.is_closing():
+            # websockets closes the TCP side after the closing handshake: let the peer close first,
+            # but never wait forever.
+            asyncio.get_running_loop().call_later(1.0, self.transport.close)
+        if data and any(d == b"" for d in data):
+            self.transport.close()
+
+    def _send(self, message: bytes) -> None:
+        if not self.transport.is_closing():
+            self.proto.send_binary(message)
+            self._flush()
+
+    def _close(self) -> None:
+        from websockets.frames import CloseCode
+
+        try:
+            self.proto.send_close(CloseCode.GOING_AWAY, "idle timeout")
+        except Exception:
+            pass
+        self._flush()
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        for event in self.proto.events_received():
+            opcode = getattr(event, "opcode", None)
+            if opcode in (self._opcode.BINARY, self._opcode.TEXT, self._opcode.CONT):
+                self.fragments.append(event.data)
+                if event.fin:
+                    message: Any = self.fragments[0] if len(self.fragments) == 1 else b"".join(self.fragments)
+                    self.fragments = []
+                    self.conn.message_received(message)
+        self._flush()
+
+    def connection_lost(self) -> None:
+        self.conn.connection_lost()

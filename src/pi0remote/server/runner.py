@@ -1,0 +1,128 @@
+"""One policy runner shared by every transport.
+
+Requests are served first come, first served. Inference runs on one dedicated policy thread, never on
+the event loop (health checks, metadata and other connections' I/O go on during a slow inference),
+except for policies that declare ``inline = True`` (microsecond, non-blocking: ``zeros``, ``echo``).
+
+Dynamic batching: with ``max_batch > 1`` every request that is waiting when the policy becomes free is
+run in one ``infer_batch`` call (up to ``max_batch``). A lone client on an idle server is run at once;
+``batch_window_ms`` only applies when other requests are already waiting, to let a straggler of the
+same wave join. When a batch call raises, its requests are retried one by one so that only the bad one
+fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class _Job:
+    obs: dict[str, Any]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class PolicyRunner:
+    def __init__(self, policy: Any, *, max_batch: int = 1, batch_window_ms: float = 0.0) -> None:
+        self.policy = policy
+        self.max_batch = max(1, int(max_batch)) if hasattr(policy, "infer_batch") else 1
+        self.batch_window_s = max(0.0, batch_window_ms) / 1000.0
+        self.inline = bool(getattr(policy, "inline", False))
+        self._pending: deque[_Job] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0remote-policy")
+        self._busy = False
+        self._lock = threading.Lock()  # reset() from another thread must not interleave with infer
+        self.calls = 0
+        self.batches = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- single-request path -------------------------------------------------------------------
+    def _call_one(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, float]:
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                result: dict[str, Any] | BaseException = self.policy.infer(obs)
+        except Exception as exc:  # the policy's failure is the client's error, not the server's
+            result = exc
+        return result, (time.perf_counter() - t0) * 1000.0
+
+    def _call_batch(self, batch: list[dict[str, Any]]) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                results: list[Any] = list(self.policy.infer_batch(batch))
+            if len(results) != len(batch):
+                raise RuntimeError(f"infer_batch returned {len(results)} results for {len(batch)} requests")
+        except Exception:
+            results = [self._call_one(obs)[0] for obs in batch]
+        return results, (time.perf_counter() - t0) * 1000.0
+
+    def run_sync(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
+        """In-process path (the ``local://`` transport): call the policy on this thread."""
+        result, policy_ms = self._call_one(obs)
+        return result, {"queue_ms": 0.0, "policy_ms": policy_ms, "batch_size": 1}
+
+    def reset(self) -> None:
+        reset = getattr(self.policy, "reset", None)
+        if reset is not None:
+            with self._lock:
+                reset()
+
+    async def areset(self) -> None:
+        """Reset on the policy thread, so a long inference never blocks the event loop."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.reset)
+
+    def can_run_now(self) -> bool:
+        """True when an inline policy is idle, so a request may run on the caller's thread at once."""
+        return self.inline and not self._busy and not self._pending
+
+    # -- asyncio path ---------------------------------------------------------------------------
+    async def submit(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
+        """Run ``obs`` through the policy; returns the result (or the policy's exception) and timing."""
+        if self.can_run_now():
+            return self.run_sync(obs)
+        loop = asyncio.get_running_loop()
+        job = _Job(obs, loop.create_future())
+        self._pending.append(job)
+        if not self._busy:
+            self._busy = True
+            loop.create_task(self._drain())
+        return await job.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self.max_batch > 1 and 0 < len(self._pending) < self.max_batch and self.batch_window_s:
+                    if len(self._pending) > 1:  # a wave is arriving: give its stragglers a moment
+                        await asyncio.sleep(self.batch_window_s)
+                jobs = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                started = time.perf_counter()
+                if len(jobs) == 1:
+                    result, policy_ms = await loop.run_in_executor(self._executor, self._call_one, jobs[0].obs)
+                    results = [result]
+                else:
+                    results, policy_ms = await loop.run_in_executor(
+                        self._executor, self._call_batch, [j.obs for j in jobs]
+                    )
+                self.batches += 1
+                self.calls += len(jobs)
+                for job, res in zip(jobs, results):
+                    if not job.future.done():  # a client that went away does not affect the others
+                        timing = {
+                            "queue_ms": (started - job.enqueued) * 1000.0,
+                            "policy_ms": policy_ms,
+                            "batch_size": len(jobs),
+                        }
+                        job.future.set_result((res, timing))
+        finally:
+            self._busy = False
