@@ -36,6 +36,19 @@ for p in (ROOT / "src", ROOT / ".openpi_src"):
         sys.path.insert(0, str(p))
 
 
+def _import_policies_alone() -> None:
+    """Import pi0remote.policies even if the package's own __init__ (client side) cannot load here."""
+    try:
+        import pi0remote  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        import types
+
+        print(f"note: 'import pi0remote' failed ({exc!r}); loading pi0remote.policies alone")
+        pkg = types.ModuleType("pi0remote")
+        pkg.__path__ = [str(ROOT / "src" / "pi0remote")]
+        sys.modules["pi0remote"] = pkg
+
+
 def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(xs), q)), 3) if xs else float("nan")
 
@@ -89,7 +102,9 @@ def time_batches(policy: Any, obs_list: list[dict[str, Any]], sizes: list[int], 
             "inference_ms": stats(dev),
             "per_item_ms_p50": round(pct(wall, 50) / b, 3),
         }
-        print(f"  batch {b}: inference_ms p50 {pct(dev, 50):.2f}  wall p50 {pct(wall, 50):.2f}  compile {compile_s}")
+        print(
+            f"  batch {b}: inference_ms p50 {pct(dev, 50):.2f}  wall p50 {pct(wall, 50):.2f}  compile {compile_s}"
+        )
     return out
 
 
@@ -167,6 +182,7 @@ def main() -> int:
     obs_list = [make_obs(rng) for _ in range(8)]
 
     # 1. the random-weights policy as served
+    _import_policies_alone()
     from pi0remote.policies.pi0 import OpenpiPi0Policy, RandomWeightsPi0Policy, make_pi0_policy
 
     t0 = time.perf_counter()
@@ -180,8 +196,10 @@ def main() -> int:
     print(f"[1] build {result['build_s']} s, warmup {result['warmup_s']} s, compile {result['compile_s']} s")
     result["batch1"] = time_infer(policy, obs_list, args.n)
     b1 = result["batch1"]
-    print(f"[1] batch 1 x{args.n}: inference_ms p50 {b1['inference_ms']['p50']} p95 {b1['inference_ms']['p95']}; "
-          f"wall p50 {b1['wall_ms']['p50']} p95 {b1['wall_ms']['p95']}")
+    print(
+        f"[1] batch 1 x{args.n}: inference_ms p50 {b1['inference_ms']['p50']} p95 {b1['inference_ms']['p95']}; "
+        f"wall p50 {b1['wall_ms']['p50']} p95 {b1['wall_ms']['p95']}"
+    )
     save()
     result["batches"] = time_batches(policy, obs_list, sizes, args.batch_iters)
     save()
@@ -204,8 +222,10 @@ def main() -> int:
         result["three_slots"]["max_abs_diff_vs_one_slot"] = float(np.max(np.abs(a1 - a3)))
         result["three_slots"]["max_abs_action"] = float(np.max(np.abs(a1)))
         t = result["three_slots"]
-        print(f"[2] 3 slots: compile {t['compile_s']} s, inference_ms p50 {t['batch1']['inference_ms']['p50']}, "
-              f"max |1 slot - 3 slots| {t['max_abs_diff_vs_one_slot']:.3g} (max |a| {t['max_abs_action']:.3g})")
+        print(
+            f"[2] 3 slots: compile {t['compile_s']} s, inference_ms p50 {t['batch1']['inference_ms']['p50']}, "
+            f"max |1 slot - 3 slots| {t['max_abs_diff_vs_one_slot']:.3g} (max |a| {t['max_abs_action']:.3g})"
+        )
     except Exception:  # noqa: BLE001
         result["three_slots_error"] = traceback.format_exc()
         print(result["three_slots_error"])
@@ -228,12 +248,16 @@ def main() -> int:
         check["max_abs_diff"] = float(np.max(np.abs(ref - got)))
         # batch: item i against the i-th of sequential openpi calls
         op._rng = key
-        seq = [np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32) for o in obs_list[:4]]
+        seq = [
+            np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32) for o in obs_list[:4]
+        ]
         op._rng = key
         t0 = time.perf_counter()
         bat = [r["action"] for r in adapter.infer_batch(obs_list[:4])]
         check["batch4_first_call_s"] = round(time.perf_counter() - t0, 2)
-        check["batch4_max_abs_diff_vs_sequential"] = float(max(np.max(np.abs(a - b)) for a, b in zip(seq, bat)))
+        check["batch4_max_abs_diff_vs_sequential"] = float(
+            max(np.max(np.abs(a - b)) for a, b in zip(seq, bat, strict=True))
+        )
         check["max_abs_action"] = float(np.max(np.abs(ref)))
         check["adapter_batch1"] = time_infer(adapter, obs_list, args.n)
         own_ms, own_wall = [], []
@@ -246,10 +270,14 @@ def main() -> int:
         check["openpi_policy_infer"] = {"policy_timing_infer_ms": stats(own_ms), "wall_ms": stats(own_wall)}
         result["openpi_check"] = check
         ab = check["adapter_batch1"]
-        print(f"[3] adapter == openpi Policy.infer: {check['exact']} (max diff {check['max_abs_diff']:.3g}); "
-              f"batch-4 vs sequential max diff {check['batch4_max_abs_diff_vs_sequential']:.3g}")
-        print(f"[3] adapter: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
-              f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}")
+        print(
+            f"[3] adapter == openpi Policy.infer: {check['exact']} (max diff {check['max_abs_diff']:.3g}); "
+            f"batch-4 vs sequential max diff {check['batch4_max_abs_diff_vs_sequential']:.3g}"
+        )
+        print(
+            f"[3] adapter: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
+            f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}"
+        )
         print(f"[3] openpi Policy.infer: wall p50 {pct(own_wall, 50)}, its infer_ms p50 {pct(own_ms, 50)}")
     except Exception:  # noqa: BLE001
         result["openpi_check_error"] = traceback.format_exc()
@@ -257,11 +285,15 @@ def main() -> int:
     save()
 
     print("\nsummary (ms, p50):")
-    print(f"  compile_s {result['compile_s']}  batch1 inference_ms {b1['inference_ms']['p50']}  "
-          f"wall {b1['wall_ms']['p50']}")
+    print(
+        f"  compile_s {result['compile_s']}  batch1 inference_ms {b1['inference_ms']['p50']}  "
+        f"wall {b1['wall_ms']['p50']}"
+    )
     for b, r in result["batches"].items():
-        print(f"  batch {b}: inference_ms {r['inference_ms']['p50']}  wall {r['wall_ms']['p50']}  "
-              f"per item {r['per_item_ms_p50']}")
+        print(
+            f"  batch {b}: inference_ms {r['inference_ms']['p50']}  wall {r['wall_ms']['p50']}  "
+            f"per item {r['per_item_ms_p50']}"
+        )
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .._malloc import tune_malloc
 from .base import AsyncPolicyClient, AsyncTransport, PolicyClient, Transport
 
 # scheme -> (module, sync transport class, async transport class); imported on first use.
@@ -81,6 +82,7 @@ def connect(
     ``timeout`` bounds each call (and each connect attempt); ``token`` is sent on every transport.
     Transport-specific options (``retries``, ``max_message_bytes``, ``quic_fingerprint``, ...) pass through.
     """
+    tune_malloc()
     url, kwargs = _resolve(url, policy, dict(options, timeout=timeout, token=token))
     transport: Transport = _transport_class(url, 1)(url, **kwargs)
     return PolicyClient(transport, url).connect()
@@ -95,6 +97,7 @@ async def aconnect(
     **options: Any,
 ) -> AsyncPolicyClient:
     """Async twin of :func:`connect`."""
+    tune_malloc()
     url, kwargs = _resolve(url, policy, dict(options, timeout=timeout, token=token))
     transport: AsyncTransport = _transport_class(url, 2)(url, **kwargs)
     return await AsyncPolicyClient(transport, url).connect()

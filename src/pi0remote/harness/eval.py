@@ -154,6 +154,10 @@ class EpisodeResult:
     round_trip_ms_p95: float | None
     robot_time_s: float
     wall_s: float
+    inference_ms: list[float] = field(default_factory=list)
+    """Every call's server-side inference time (when the server reports it)."""
+    round_trip_ms: list[float] = field(default_factory=list)
+    """Every call's round trip as the client saw it."""
 
 
 @dataclass
@@ -187,6 +191,8 @@ class EpisodeMetrics:
             inference_ms_p50=percentile(self.inference_ms, 50), inference_ms_p95=percentile(self.inference_ms, 95),
             round_trip_ms_p50=percentile(self.round_trip_ms, 50), round_trip_ms_p95=percentile(self.round_trip_ms, 95),
             robot_time_s=robot_time_s, wall_s=time.perf_counter() - self.t0,
+            inference_ms=[round(x, 3) for x in self.inference_ms],
+            round_trip_ms=[round(x, 3) for x in self.round_trip_ms],
         )  # fmt: skip
 
 
@@ -194,8 +200,8 @@ def aggregate(mode: str, episodes: list[EpisodeResult]) -> dict[str, Any]:
     """One mode's summary: success rate with its 95 % Wilson interval, steps and latencies."""
     n, k = len(episodes), sum(e.success for e in episodes)
     low, high = wilson_interval(k, n)
-    pooled = [x for e in episodes for x in (e.inference_ms_p50,) if x is not None]
-    rtt = [x for e in episodes for x in (e.round_trip_ms_p50,) if x is not None]
+    inference = [x for e in episodes for x in e.inference_ms]
+    rtt = [x for e in episodes for x in e.round_trip_ms]
     return {
         "mode": mode,
         "episodes": n,
@@ -204,9 +210,10 @@ def aggregate(mode: str, episodes: list[EpisodeResult]) -> dict[str, Any]:
         "wilson95_low": low,
         "wilson95_high": high,
         "mean_steps_to_success": mean([e.success_step for e in episodes if e.success_step is not None]),
-        "inference_ms_p50": percentile(pooled, 50),
+        "inference_ms_p50": percentile(inference, 50),
+        "inference_ms_p95": percentile(inference, 95),
         "round_trip_ms_p50": percentile(rtt, 50),
-        "round_trip_ms_p95": percentile([e.round_trip_ms_p95 for e in episodes if e.round_trip_ms_p95], 50),
+        "round_trip_ms_p95": percentile(rtt, 95),
         "policy_calls_per_episode": mean([e.policy_calls for e in episodes]),
         "wall_s": sum(e.wall_s for e in episodes),
     }
@@ -238,7 +245,8 @@ def make_request(env: Any, step: int, env_state: dict[str, Any] | None, images: 
 
 
 StepCallback = Callable[[Any, int, float, "Reply | None"], None]
-"""``on_step(env, step, reward, reply)`` after every environment step (``reply``: the chunk's)."""
+"""``on_step(env, step, reward, reply)`` after reset (step 0, no reply) and after every environment
+step (``reply``: the one whose chunk is being executed)."""
 
 
 def execute_chunk(
@@ -269,6 +277,8 @@ def run_episode(
         client.reset()
     executor.start_episode()
     metrics = EpisodeMetrics(mode=mode, episode=episode, seed=seed)
+    if on_step is not None:
+        on_step(env, 0, 0.0, None)  # the initial state, before the first request
     done = False
     while not done:
         reply = executor.query(client, make_request(env, metrics.steps, env_state, cfg.images))

@@ -66,8 +66,8 @@ the rest of the 48-token prompt window is padding, as with a short real prompt."
 INSTALL_HINT = (
     "The 'pi0' policy needs openpi, which is not on the package index (the 'openpi' name there is an empty "
     "placeholder). Install it from its git repository at the commit pi0remote is tested with, in Python >= 3.11:\n"
-    f"    GIT_LFS_SKIP_SMUDGE=1 pip install \"openpi @ git+{OPENPI_GIT}@{OPENPI_COMMIT}\" "
-    f"\"openpi-client @ git+{OPENPI_GIT}@{OPENPI_COMMIT}#subdirectory=packages/openpi-client\"\n"
+    f'    GIT_LFS_SKIP_SMUDGE=1 pip install "openpi @ git+{OPENPI_GIT}@{OPENPI_COMMIT}" '
+    f'"openpi-client @ git+{OPENPI_GIT}@{OPENPI_COMMIT}#subdirectory=packages/openpi-client"\n'
     f"or clone it, check out {OPENPI_COMMIT} and follow its README (GIT_LFS_SKIP_SMUDGE=1 uv sync), then install "
     "pi0remote into that environment. See docs/pi0.md."
 )
@@ -113,7 +113,9 @@ def _prepare_pytorch_module() -> None:
     except Exception as exc:  # noqa: BLE001 - any failure of that optional module
         reason = f"{type(exc).__name__}: {exc}"
     sys.modules.pop(name, None)
-    stub = types.ModuleType(name, f"Stand-in registered by pi0remote; the real module failed to import ({reason}).")
+    stub = types.ModuleType(
+        name, f"Stand-in registered by pi0remote; the real module failed to import ({reason})."
+    )
 
     def __getattr__(attr: str) -> Any:  # noqa: N807
         raise ImportError(f"openpi's PyTorch model is unavailable here ({reason}); only JAX checkpoints load")
@@ -215,16 +217,17 @@ class OpenpiPi0Policy(_Pi0Base):
     batched kernels.
     """
 
-    def __init__(self, openpi_policy: Any, *, extra: dict[str, Any], default_prompt: str | None = None) -> None:
+    def __init__(
+        self, openpi_policy: Any, *, extra: dict[str, Any], default_prompt: str | None = None
+    ) -> None:
         model = getattr(openpi_policy, "_model", None)
         horizon = int(getattr(model, "action_horizon", 50))
         super().__init__(extra, horizon)
         self.openpi_policy = openpi_policy
         self._default_prompt = default_prompt
         p = openpi_policy
-        self._split = (
-            not getattr(p, "_is_pytorch_model", False)
-            and all(hasattr(p, a) for a in ("_input_transform", "_output_transform", "_sample_actions", "_rng"))
+        self._split = not getattr(p, "_is_pytorch_model", False) and all(
+            hasattr(p, a) for a in ("_input_transform", "_output_transform", "_sample_actions", "_rng")
         )
         (jax,) = _import_openpi("jax")
         self._jax = jax
@@ -598,4 +601,6 @@ def make_pi0_policy(
             image_slots=int(options.get("image_slots") or 1),
         )
     checkpoint = checkpoint or DEFAULT_CHECKPOINT_BASE + config
-    return OpenpiPi0Policy.from_config(config=config, checkpoint=checkpoint, num_steps=num_steps, prompt=prompt)
+    return OpenpiPi0Policy.from_config(
+        config=config, checkpoint=checkpoint, num_steps=num_steps, prompt=prompt
+    )
