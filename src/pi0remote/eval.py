@@ -18,15 +18,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pi0remote.eval", description=__doc__.splitlines()[0])
     add_common_arguments(p, episodes=10)
     p.add_argument("--out", default="results/eval", help="parent of the timestamped results folder")
-    p.add_argument("--no-images", action="store_true", help="do not render or send cam_high (state-only policies)")
+    p.add_argument(
+        "--no-images", action="store_true", help="do not render or send cam_high (state-only policies)"
+    )
     return p
 
 
 def add_common_arguments(p: argparse.ArgumentParser, episodes: int) -> None:
     """Arguments shared with ``python -m pi0remote.record``."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--policy-url", metavar="URL", help="a running server: tcp://, http://, ws://, local://NAME ...")
-    g.add_argument("--policy", metavar="NAME", help="run a policy in process (expert, zeros, pi0, module:attr)")
+    g.add_argument(
+        "--policy-url", metavar="URL", help="a running server: tcp://, http://, ws://, local://NAME ..."
+    )
+    g.add_argument(
+        "--policy", metavar="NAME", help="run a policy in process (expert, zeros, pi0, module:attr)"
+    )
     p.add_argument("--compare", nargs="+", default=[], metavar="URL_OR_NAME", help="more modes, same seeds")
     p.add_argument("--task", default="AlohaTransferCube-v0", help="AlohaTransferCube-v0 or AlohaInsertion-v0")
     p.add_argument("--episodes", type=int, default=episodes)

@@ -85,8 +85,12 @@ def open_policy(mode: str) -> Any:
 
 
 def metadata_dict(client: Any) -> dict[str, Any]:
+    """The policy's metadata (``needs_env_state``, ``tasks`` ...), from a client's server metadata (the
+    ``policy`` entry) or a policy object's own."""
     meta = getattr(client, "metadata", None) or {}
-    return meta.to_dict() if hasattr(meta, "to_dict") else dict(meta)
+    meta = meta.to_dict() if hasattr(meta, "to_dict") else dict(meta)
+    inner = meta.get("policy")
+    return dict(inner) if isinstance(inner, dict) else meta
 
 
 # ------------------------------------------------------------------------------------------- executor
@@ -251,7 +255,7 @@ step (``reply``: the one whose chunk is being executed)."""
 
 def execute_chunk(
     env: Any, executor: SyncExecutor, actions: np.ndarray, metrics: EpisodeMetrics,
-    reply: Reply, on_step: StepCallback | None = None,
+    reply: Reply, max_steps: int, on_step: StepCallback | None = None,
 ) -> bool:  # fmt: skip
     """Execute the given actions; True once the episode is over (success or step limit)."""
     for action in actions:
@@ -259,7 +263,7 @@ def execute_chunk(
         metrics.record_step(reward, terminated)
         if on_step is not None:
             on_step(env, metrics.steps, reward, reply)
-        if terminated or truncated or metrics.steps >= env.max_steps:
+        if terminated or truncated or metrics.steps >= max_steps:
             return True
     return False
 
@@ -284,7 +288,9 @@ def run_episode(
         reply = executor.query(client, make_request(env, metrics.steps, env_state, cfg.images))
         metrics.record_call(reply)
         before = metrics.steps
-        done = execute_chunk(env, executor, reply.action[: cfg.action_horizon], metrics, reply, on_step)
+        done = execute_chunk(
+            env, executor, reply.action[: cfg.action_horizon], metrics, reply, cfg.max_steps, on_step
+        )
         if progress is not None:
             progress.update(metrics.steps - before)
             progress.set_postfix(reward=f"{metrics.max_reward:.0f}", rtt=f"{reply.round_trip_ms:.1f}ms")
@@ -337,7 +343,9 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 def format_table(aggregates: Iterable[dict[str, Any]]) -> str:
     """A Markdown table, readable as plain text."""
-    head = "| mode | success | rate [95% CI] | mean steps | infer p50 ms | rtt p50 ms | rtt p95 ms | calls/ep |"
+    head = (
+        "| mode | success | rate [95% CI] | mean steps | infer p50 ms | rtt p50 ms | rtt p95 ms | calls/ep |"
+    )
     lines = [head, "|" + "---|" * 8]
     for a in aggregates:
         rate = f"{a['success_rate']:.0%} [{a['wilson95_low']:.0%}, {a['wilson95_high']:.0%}]"
@@ -357,9 +365,12 @@ def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Pa
     import matplotlib.pyplot as plt
 
     rates = np.array([a["success_rate"] for a in aggregates])
-    err = np.array([[r - a["wilson95_low"], a["wilson95_high"] - r] for r, a in zip(rates, aggregates)]).T
+    low = np.array([a["wilson95_low"] for a in aggregates])
+    high = np.array([a["wilson95_high"] for a in aggregates])
     fig, ax = plt.subplots(figsize=(1.6 * len(aggregates) + 2.5, 3.6))
-    ax.bar(range(len(aggregates)), rates, yerr=err, capsize=6, color="#4c72b0")
+    ax.bar(range(len(aggregates)), rates, yerr=[rates - low, high - rates], capsize=6, color="#4c72b0")
+    for i, a in enumerate(aggregates):
+        ax.text(i, 0.02, f"{a['successes']}/{a['episodes']}", ha="center", color="white")
     ax.set_xticks(range(len(aggregates)), [a["mode"] for a in aggregates], rotation=15, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson)")
@@ -400,7 +411,9 @@ class ResultsWriter:
         return table
 
 
-def evaluate(modes: list[str], cfg: EvalConfig, clients: dict[str, Any] | None = None) -> tuple[Path, list[dict]]:
+def evaluate(
+    modes: list[str], cfg: EvalConfig, clients: dict[str, Any] | None = None
+) -> tuple[Path, list[dict]]:
     """Evaluate every mode on the same seeds; returns the results folder and the aggregates."""
     from ..sim.env import make_env
 

@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from .eval import EvalConfig, EpisodeResult, Reply, ResultsWriter, SyncExecutor, aggregate, open_policy, run_episode
+from .eval import (
+    EpisodeResult,
+    EvalConfig,
+    Reply,
+    ResultsWriter,
+    SyncExecutor,
+    aggregate,
+    open_policy,
+    run_episode,
+)
 
 VIDEO_FPS = 50
 COMPARE_FPS = 25
@@ -77,7 +86,9 @@ def annotate(image: np.ndarray, lines: list[str], scale: int = 1) -> np.ndarray:
 def downscale(image: np.ndarray) -> np.ndarray:
     """Halve both sides by averaging 2x2 blocks (480x640 -> 240x320)."""
     h, w, c = image.shape
-    return image[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3)).astype(np.uint8)
+    return (
+        image[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3)).astype(np.uint8)
+    )
 
 
 def _latency_text(ms: float | None) -> str:
@@ -97,10 +108,14 @@ def record_episode(
         def on_step(env: Any, step: int, reward: float, reply: Reply | None) -> None:
             frame = env.render()
             latency = None if reply is None else reply.round_trip_ms
-            video.append_data(annotate(frame, [mode, f"step {step}  reward {reward:.0f}", _latency_text(latency)], 2))
+            video.append_data(
+                annotate(frame, [mode, f"step {step}  reward {reward:.0f}", _latency_text(latency)], 2)
+            )
             rec.frames.append(Frame(downscale(frame), step, latency, executor.robot_time_s))
 
-        rec.result = run_episode(client, env, seed, cfg, mode=mode, episode=episode, executor=executor, on_step=on_step)
+        rec.result = run_episode(
+            client, env, seed, cfg, mode=mode, episode=episode, executor=executor, on_step=on_step
+        )
     return rec
 
 
@@ -128,7 +143,9 @@ def _pane(rec: Recording, t: float) -> np.ndarray:
     return annotate(frame.image, lines)
 
 
-def record(modes: list[str], cfg: EvalConfig, clients: dict[str, Any] | None = None) -> tuple[Path, list[dict]]:
+def record(
+    modes: list[str], cfg: EvalConfig, clients: dict[str, Any] | None = None
+) -> tuple[Path, list[dict]]:
     """Record ``cfg.episodes`` seeds for every mode; with several modes, a side-by-side video per seed."""
     from tqdm import tqdm
 
