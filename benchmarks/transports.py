@@ -49,7 +49,9 @@ def main() -> None:
         floor_proc.kill()
     with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv:
         for scheme in ("tcp", "ws", "http"):
-            results[scheme] = statistics.median(measure_client(srv.url(scheme), obs, args.n, args.warmup)) * 1e6
+            results[scheme] = (
+                statistics.median(measure_client(srv.url(scheme), obs, args.n, args.warmup)) * 1e6
+            )
     results["local"] = statistics.median(measure_client("local://zeros", obs, args.n, args.warmup)) * 1e6
     floor = results["floor"]
     if args.json:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .client import AsyncPolicyClient, PolicyClient, aconnect, connect  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
     CodecError,
@@ -28,7 +29,6 @@ from .errors import (  # noqa: E402
     TransportError,
     VersionMismatch,
 )
-from .client import AsyncPolicyClient, PolicyClient, aconnect, connect  # noqa: E402
 
 __all__ = [
     "AsyncPolicyClient",

@@ -27,7 +27,9 @@ ALLOWED_KINDS = frozenset("biufc")
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in ALLOWED_KINDS:
-            raise CodecError(f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)")
+            raise CodecError(
+                f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
+            )
         if not obj.flags.c_contiguous:
             obj = np.ascontiguousarray(obj)
         data = memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes()
@@ -51,7 +53,9 @@ def _checked_dtype(type_str: Any) -> np.dtype:
     except (TypeError, ValueError) as exc:
         raise CodecError(f"unknown array dtype {type_str!r}") from exc
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise CodecError(f"array dtype {dtype} is not allowed (allowed kinds: bool, int, uint, float, complex)")
+        raise CodecError(
+            f"array dtype {dtype} is not allowed (allowed kinds: bool, int, uint, float, complex)"
+        )
     return dtype
 
 
@@ -65,7 +69,9 @@ def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
     for s in shape:
         count *= s
     if count * dtype.itemsize != len(data):
-        raise CodecError(f"array data has {len(data)} bytes, shape {list(shape)} of {dtype} needs {count * dtype.itemsize}")
+        raise CodecError(
+            f"array data has {len(data)} bytes, shape {list(shape)} of {dtype} needs {count * dtype.itemsize}"
+        )
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 

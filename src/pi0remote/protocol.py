@@ -93,14 +93,18 @@ def hello_body(token: str | None, *, client: str = "pi0remote") -> dict[str, Any
 def check_version(remote: Any, who: str) -> None:
     """Raise :class:`VersionMismatch` unless ``remote`` speaks our protocol version."""
     if remote != PROTOCOL_VERSION:
-        raise VersionMismatch(f"{who} speaks protocol version {remote!r}; this side speaks {PROTOCOL_VERSION}")
+        raise VersionMismatch(
+            f"{who} speaks protocol version {remote!r}; this side speaks {PROTOCOL_VERSION}"
+        )
 
 
 def encode_error(exc: BaseException) -> bytes:
     return encode_message(ERROR, to_wire(exc))
 
 
-def encode_result(reply: dict[str, Any], timing: dict[str, float], started: float, *, with_kind: bool = True) -> bytes:
+def encode_result(
+    reply: dict[str, Any], timing: dict[str, float], started: float, *, with_kind: bool = True
+) -> bytes:
     """A RESULT message whose ``server_timing`` includes the time spent encoding it.
 
     ``started`` is the ``perf_counter()`` at which the server began handling the request; the timing map
@@ -166,7 +170,9 @@ class FrameDecoder:
             (length,) = HEADER.unpack(self._header)
             if length > self.max_message_bytes:
                 self.broken = True
-                raise MessageTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}")
+                raise MessageTooLarge(
+                    f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}"
+                )
             if length == 0:
                 self.broken = True
                 raise ProtocolError("empty frame")

@@ -18,7 +18,11 @@ from . import protocol
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pi0remote.serve", description=__doc__.splitlines()[0])
     g = p.add_argument_group("policy")
-    g.add_argument("--policy", default="zeros", help="zeros | echo | sleep:MS | sleep:BASE+PER | expert | pi0 | module:attr")
+    g.add_argument(
+        "--policy",
+        default="zeros",
+        help="zeros | echo | sleep:MS | sleep:BASE+PER | expert | pi0 | module:attr",
+    )
     g.add_argument("--config", default=None, help="pi0: openpi training config name (default pi0_aloha_sim)")
     g.add_argument("--checkpoint", default=None, help="pi0: checkpoint directory or gs:// URL")
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
@@ -26,15 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
     g = p.add_argument_group("listeners")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--http-port", type=int, default=8000, help="HTTP and WebSocket (/ws); 0 picks a free port")
+    g.add_argument(
+        "--http-port", type=int, default=8000, help="HTTP and WebSocket (/ws); 0 picks a free port"
+    )
     g.add_argument("--tcp-port", type=int, default=8765, help="raw TCP; 0 picks a free port")
-    g.add_argument("--quic-port", type=int, default=None, help="QUIC over UDP and QUIC-over-TCP on this port number")
+    g.add_argument(
+        "--quic-port", type=int, default=None, help="QUIC over UDP and QUIC-over-TCP on this port number"
+    )
     g.add_argument("--openpi-port", type=int, default=None, help="openpi-compatible WebSocket server")
     g.add_argument("--transports", default="http,ws,tcp", help="comma list of http,ws,tcp,quic,quic+tcp")
     g = p.add_argument_group("safety")
     g.add_argument("--token", default=None, help="require this token on every transport")
     g.add_argument("--max-message-mb", type=float, default=protocol.DEFAULT_MAX_MESSAGE_BYTES / 2**20)
-    g.add_argument("--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds")
+    g.add_argument(
+        "--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds"
+    )
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
     g.add_argument("--batch-window-ms", type=float, default=0.0)

@@ -30,15 +30,19 @@ def with_retries(connect: Callable[[], T], what: str, retries: int = DEFAULT_RET
     for attempt in range(retries + 1):
         try:
             return connect()
-        except (ConnectionRefusedError, ConnectionResetError, socket.gaierror, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionRefusedError, ConnectionResetError, socket.gaierror, OSError) as exc:
             if attempt == retries:
-                raise ConnectError(f"could not connect to {what} after {retries + 1} attempts: {exc}") from exc
+                raise ConnectError(
+                    f"could not connect to {what} after {retries + 1} attempts: {exc}"
+                ) from exc
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
 
 
-def open_socket(host: str, port: int, timeout: float, *, tls: bool = False, server_hostname: str | None = None) -> socket.socket:
+def open_socket(
+    host: str, port: int, timeout: float, *, tls: bool = False, server_hostname: str | None = None
+) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls:
@@ -58,7 +62,7 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
 def recv_into(sock: socket.socket, view: memoryview) -> int:
     try:
         n = sock.recv_into(view)
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise RequestTimeout("no reply within the timeout") from exc
     except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
         raise ConnectionLost(f"connection lost: {exc}") from exc
@@ -80,7 +84,7 @@ def send_all(sock: socket.socket, *parts: bytes | bytearray | memoryview) -> Non
         if sent < total:
             rest = b"".join(parts)[sent:]
             sock.sendall(rest)
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise RequestTimeout("send timed out") from exc
     except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
         raise ConnectionLost(f"connection lost: {exc}") from exc

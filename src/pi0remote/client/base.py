@@ -59,7 +59,9 @@ def _decode_reply(kind: int, body: Any, expected: int) -> dict[str, Any]:
     if kind == protocol.ERROR:
         raise from_wire(reply)
     if kind != expected:
-        raise ProtocolError(f"expected a {protocol.KIND_NAMES[expected]} reply, got {protocol.KIND_NAMES.get(kind, kind)}")
+        raise ProtocolError(
+            f"expected a {protocol.KIND_NAMES[expected]} reply, got {protocol.KIND_NAMES.get(kind, kind)}"
+        )
     if not isinstance(reply, dict):
         raise ProtocolError("reply must be a map")
     return reply

@@ -16,7 +16,10 @@ from ..errors import ConnectionLost, ProtocolError, RequestTimeout, TransportErr
 from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport
 
-_KIND_PATHS = {protocol.INFER: ("POST", "/infer", protocol.RESULT), protocol.RESET: ("POST", "/reset", protocol.RESET_OK)}
+_KIND_PATHS = {
+    protocol.INFER: ("POST", "/infer", protocol.RESULT),
+    protocol.RESET: ("POST", "/reset", protocol.RESET_OK),
+}
 MAX_HEAD = 65536
 
 
@@ -98,7 +101,11 @@ class HttpTransport(Transport):
         head = (
             f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1")
             + self._common
-            + (f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n".encode() if method == "POST" else b"\r\n")
+            + (
+                f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                if method == "POST"
+                else b"\r\n"
+            )
         )
         if body:
             send_all(self.sock, head, body)
@@ -181,7 +188,15 @@ class HttpTransport(Transport):
 class AsyncHttpTransport(AsyncTransport):
     scheme = "http"
 
-    def __init__(self, url: str, *, timeout: float = 10.0, token: str | None = None, retries: int = DEFAULT_RETRIES, **_: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        **_: Any,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.token = token
@@ -224,7 +239,9 @@ class AsyncHttpTransport(AsyncTransport):
         if self.client is None:
             raise ConnectionLost("not connected")
         try:
-            resp = await self.client.post(path, content=bytes(memoryview(message)[1:]), headers={"Content-Type": "application/msgpack"})
+            resp = await self.client.post(
+                path, content=bytes(memoryview(message)[1:]), headers={"Content-Type": "application/msgpack"}
+            )
         except httpx.TimeoutException as exc:
             raise RequestTimeout("no reply within the timeout") from exc
         except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError, httpx.WriteError) as exc:

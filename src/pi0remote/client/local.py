@@ -17,7 +17,9 @@ from .base import AsyncTransport, Transport
 class LocalTransport(Transport):
     scheme = "local"
 
-    def __init__(self, url: str = "local://", *, policy: Any = None, token: str | None = None, **options: Any) -> None:
+    def __init__(
+        self, url: str = "local://", *, policy: Any = None, token: str | None = None, **options: Any
+    ) -> None:
         from .._malloc import tune_malloc
         from ..policies import load_policy
         from ..server.core import ServerCore, Session

@@ -124,7 +124,9 @@ class AsyncTcpTransport(AsyncTransport):
         sock = self.writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token)))
+        kind, body = await self.roundtrip(
+            protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
+        )
         return _decode_reply(kind, body, protocol.METADATA)
 
     async def _exchange(self, message: bytes) -> tuple[int, memoryview]:

@@ -11,7 +11,15 @@ import socket
 from typing import Any
 
 from .. import protocol
-from ..errors import AuthenticationError, ConnectError, ConnectionLost, MessageTooLarge, ProtocolError, RequestTimeout
+from ..errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLost,
+    MessageTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    TransportError,
+)
 from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport, _decode_reply
 
@@ -60,7 +68,11 @@ class WsTransport(Transport):
         n = recv_into(self.sock, memoryview(self._buf))
         self.proto.receive_data(bytes(self._buf[:n]))
         events = self.proto.events_received()
-        self._flush()  # pongs, close replies
+        try:
+            self._flush()  # pongs, close replies
+        except TransportError:
+            if self.proto.close_rcvd is None:
+                raise  # else the close frame in `events` says why, and the roundtrip reports it
         return events
 
     def open(self) -> dict[str, Any]:
@@ -177,7 +189,9 @@ class AsyncWsTransport(AsyncTransport):
                 break
             except InvalidStatus as exc:
                 if exc.response.status_code == 401:
-                    raise AuthenticationError("server refused the WebSocket upgrade: missing or wrong token") from exc
+                    raise AuthenticationError(
+                        "server refused the WebSocket upgrade: missing or wrong token"
+                    ) from exc
                 raise ConnectError(f"WebSocket upgrade refused: HTTP {exc.response.status_code}") from exc
             except (OSError, asyncio.TimeoutError) as exc:
                 if attempt == self.retries:

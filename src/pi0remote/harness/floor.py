@@ -96,7 +96,11 @@ def canonical_sizes(obs: dict[str, Any], reply_size: int | None = None) -> tuple
     request = protocol.encode_message(protocol.INFER, obs)
     if reply_size is None:
         reply = {"action": np.zeros((50, 14), np.float32), "inference_ms": 0.0}
-        reply_size = len(protocol.encode_result(reply, {"decode_ms": 0.0, "queue_ms": 0.0, "policy_ms": 0.0}, time.perf_counter()))
+        reply_size = len(
+            protocol.encode_result(
+                reply, {"decode_ms": 0.0, "queue_ms": 0.0, "policy_ms": 0.0}, time.perf_counter()
+            )
+        )
     return request, reply_size
 
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 class ServerProcess:
     """A ``pi0remote.serve`` subprocess; ``urls`` holds its ``listening`` lines. A context manager."""
 
-    def __init__(self, args: Sequence[str], *, ready_timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], *, ready_timeout: float = 120.0, env: dict[str, str] | None = None
+    ) -> None:
         self.args = [sys.executable, "-m", "pi0remote.serve", *args]
         self.urls: list[str] = []
         self.lines: list[str] = []

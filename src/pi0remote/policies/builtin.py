@@ -17,7 +17,9 @@ class ZerosPolicy:
 
     def __init__(self, action_shape: tuple[int, int] = (50, 14), name: str = "zeros") -> None:
         self.metadata = PolicyMetadata(
-            name=name, input_spec=dict(CANONICAL_INPUT_SPEC), action_shape=action_shape,
+            name=name,
+            input_spec=dict(CANONICAL_INPUT_SPEC),
+            action_shape=action_shape,
             action_horizon=action_shape[0],
         )
         self._action = np.zeros(action_shape, dtype=np.float32)

@@ -61,7 +61,9 @@ class PolicyServer:
         quic_options: dict[str, Any] | None = None,
         debug: bool = False,
     ) -> None:
-        self.core = ServerCore(policy, name=name, token=token, max_batch=max_batch, batch_window_ms=batch_window_ms)
+        self.core = ServerCore(
+            policy, name=name, token=token, max_batch=max_batch, batch_window_ms=batch_window_ms
+        )
         self.host = host
         self.http_port = http_port
         self.tcp_port = tcp_port
@@ -120,7 +122,9 @@ class PolicyServer:
         if "tcp" in self.transports and self.tcp_port is not None:
             from .tcp import FramedStreamProtocol
 
-            srv = await loop.create_server(lambda: FramedStreamProtocol(self.core, **opts), self.host, self.tcp_port)
+            srv = await loop.create_server(
+                lambda: FramedStreamProtocol(self.core, **opts), self.host, self.tcp_port
+            )
             self._servers.append(srv)
             self.urls.append(f"tcp://{host}:{srv.sockets[0].getsockname()[1]}")
         if self.quic_port is not None and ({"quic", "quic+tcp"} & set(self.transports)):
@@ -145,6 +149,9 @@ class PolicyServer:
     async def close(self) -> None:
         for srv in self._servers:
             srv.close()
+        for transport in list(self.core.transports):
+            transport.abort()
+        self.core.transports.clear()
         for closer in self._closers:
             result = closer()
             if asyncio.iscoroutine(result):

@@ -9,6 +9,24 @@ from typing import Any
 
 from .core import ServerCore, Session
 
+LINGER_S = 2.0
+
+
+def linger_close(transport: asyncio.BaseTransport, linger: float = LINGER_S) -> None:
+    """Close after the last reply without resetting the peer.
+
+    Closing a socket that still has unread input makes the kernel send RST, which can destroy the
+    error reply we just wrote (a client still sending an oversized message would never see why).
+    So: send FIN, keep reading (and discarding) for a moment, then close.
+    """
+    if transport.is_closing():
+        return
+    if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(linger, transport.close)
+    else:
+        transport.close()
+
 
 class MessageConnection:
     """Serves complete messages one at a time, in arrival order, and closes idle peers.

@@ -53,6 +53,8 @@ class ServerCore:
         self.ready = False
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
+        self.transports: set[Any] = set()
+        """Open client connections' transports, closed when the server stops."""
 
     # -- metadata and auth ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -164,7 +166,9 @@ class ServerCore:
                     return None
                 self.runner.reset()
                 return protocol.encode_message(protocol.RESET_OK, {}), True
-            raise ProtocolError(f"unexpected message kind {protocol.KIND_NAMES.get(kind, kind)!r} from a client")
+            raise ProtocolError(
+                f"unexpected message kind {protocol.KIND_NAMES.get(kind, kind)!r} from a client"
+            )
         except AuthenticationError as exc:
             return protocol.encode_error(exc), False
         except Exception as exc:

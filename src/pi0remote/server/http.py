@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..errors import AuthenticationError, MessageTooLarge, Pi0RemoteError, ProtocolError, to_wire
-from .connection import MessageConnection
+from .connection import MessageConnection, linger_close
 from .core import ServerCore, Session
 
 MAX_HEAD_BYTES = 16384
@@ -96,25 +96,37 @@ class HttpProtocol(asyncio.Protocol):
         self.ws: WebSocketSession | None = None
         self.conn: MessageConnection | None = None
         self.busy = False
+        self.closing = False
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.core.transports.add(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # HTTP requests are not MessageConnection messages, but the idle timer is the same.
         self.conn = MessageConnection(
-            self.core, Session(True, "http"), send=self._write, close=transport.close, idle_timeout=self.idle_timeout
+            self.core,
+            Session(True, "http"),
+            send=self._write,
+            close=self._close,
+            idle_timeout=self.idle_timeout,
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.core.transports.discard(self.transport)
         if self.ws is not None:
             self.ws.connection_lost()
         if self.conn is not None:
             self.conn.connection_lost()
         self.transport = None
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            linger_close(self.transport)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -124,6 +136,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.data_received(data)
             return
+        if self.closing:
+            return  # lingering before close: discard
         self.buf += data
         if not self.busy:
             self._process()
@@ -143,7 +157,9 @@ class HttpProtocol(asyncio.Protocol):
                     self.request = parse_head(head)
                     self.body_length = self._body_length(self.request)
                 except Pi0RemoteError as exc:
-                    self._respond_error(status_for(exc) if isinstance(exc, MessageTooLarge) else 400, exc, close=True)
+                    self._respond_error(
+                        status_for(exc) if isinstance(exc, MessageTooLarge) else 400, exc, close=True
+                    )
                     return
                 if self._upgrade_requested(self.request):
                     self._start_websocket(self.request)
@@ -180,12 +196,13 @@ class HttpProtocol(asyncio.Protocol):
     def _respond(self, status: int, content_type: str, body: bytes, *, close: bool = False) -> None:
         self._write(response_head(status, content_type, len(body), close=close) + body)
         if close:
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
         elif self.conn is not None:
             self.conn.restart_idle_timer()
 
-    def _respond_error(self, status: int, exc: BaseException, *, close: bool = False, request: _Request | None = None) -> None:
+    def _respond_error(
+        self, status: int, exc: BaseException, *, close: bool = False, request: _Request | None = None
+    ) -> None:
         body = to_wire(exc)
         if request is not None and "application/json" in request.headers.get("accept", ""):
             self._respond(status, "application/json", json.dumps(body).encode(), close=close)
@@ -204,7 +221,9 @@ class HttpProtocol(asyncio.Protocol):
             self._respond_error(404, ProtocolError(f"no endpoint {path}"), close=close, request=request)
             return
         if not self.core.check_bearer(request.headers.get("authorization")):
-            self._respond_error(401, AuthenticationError("missing or wrong token"), close=close, request=request)
+            self._respond_error(
+                401, AuthenticationError("missing or wrong token"), close=close, request=request
+            )
             return
         if path == "/metadata" and method == "GET":
             if "application/json" in request.headers.get("accept", ""):
@@ -217,7 +236,9 @@ class HttpProtocol(asyncio.Protocol):
             self._respond_error(405, ProtocolError(f"{path} takes {expected}"), close=close, request=request)
             return
         if path == "/ws":
-            self._respond_error(400, ProtocolError("/ws needs a WebSocket upgrade"), close=close, request=request)
+            self._respond_error(
+                400, ProtocolError("/ws needs a WebSocket upgrade"), close=close, request=request
+            )
             return
         kind = protocol.INFER if path == "/infer" else protocol.RESET
         self.busy = True
@@ -252,7 +273,11 @@ class HttpProtocol(asyncio.Protocol):
         leftover = bytes(self.buf)
         self.buf.clear()
         self.ws = WebSocketSession(
-            self.core, self.transport, request, max_message_bytes=self.max_message_bytes, idle_timeout=self.idle_timeout
+            self.core,
+            self.transport,
+            request,
+            max_message_bytes=self.max_message_bytes,
+            idle_timeout=self.idle_timeout,
         )
         if leftover:
             self.ws.data_received(leftover)
@@ -298,12 +323,8 @@ class WebSocketSession:
         data = self.proto.data_to_send()
         if data and not self.transport.is_closing():
             self.transport.writelines(data)
-        if self.proto.close_expected() and not self.transport.is_closing():
-            # websockets closes the TCP side after the closing handshake: let the peer close first,
-            # but never wait forever.
-            asyncio.get_running_loop().call_later(1.0, self.transport.close)
-        if data and any(d == b"" for d in data):
-            self.transport.close()
+        if any(d == b"" for d in data):  # websockets asks for the TCP close
+            linger_close(self.transport)
 
     def _send(self, message: bytes) -> None:
         if not self.transport.is_closing():
@@ -318,7 +339,7 @@ class WebSocketSession:
         except Exception:
             pass
         self._flush()
-        self.transport.close()
+        linger_close(self.transport)
 
     def data_received(self, data: bytes) -> None:
         self.proto.receive_data(data)

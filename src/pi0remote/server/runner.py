@@ -108,7 +108,9 @@ class PolicyRunner:
                 jobs = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
                 started = time.perf_counter()
                 if len(jobs) == 1:
-                    result, policy_ms = await loop.run_in_executor(self._executor, self._call_one, jobs[0].obs)
+                    result, policy_ms = await loop.run_in_executor(
+                        self._executor, self._call_one, jobs[0].obs
+                    )
                     results = [result]
                 else:
                     results, policy_ms = await loop.run_in_executor(
@@ -116,7 +118,7 @@ class PolicyRunner:
                     )
                 self.batches += 1
                 self.calls += len(jobs)
-                for job, res in zip(jobs, results):
+                for job, res in zip(jobs, results, strict=True):
                     if not job.future.done():  # a client that went away does not affect the others
                         timing = {
                             "queue_ms": (started - job.enqueued) * 1000.0,

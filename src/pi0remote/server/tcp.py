@@ -7,7 +7,7 @@ import socket
 
 from .. import protocol
 from ..errors import ProtocolError
-from .connection import MessageConnection
+from .connection import MessageConnection, linger_close
 from .core import ServerCore, Session
 
 
@@ -28,6 +28,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.core.transports.add(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -35,7 +36,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
             self.core,
             Session(authenticated=False, transport=self.transport_name),
             send=self._send,
-            close=transport.close,
+            close=lambda: linger_close(transport),
             idle_timeout=self.idle_timeout,
             pause=self._pause,
         )
@@ -69,6 +70,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.core.transports.discard(self.transport)
         if self.conn is not None:
             self.conn.connection_lost()
         self.transport = None
