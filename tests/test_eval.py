@@ -54,6 +54,86 @@ def test_resize_with_pad_hand_computed():
     np.testing.assert_array_equal(resize_with_pad(img, 4, 4), expected)
 
 
+class FakeEnv:
+    """Counts steps; reward 4 (success) from step ``succeed_at`` on."""
+
+    def __init__(self, succeed_at: int | None = None, max_steps: int = 400) -> None:
+        self.succeed_at, self.max_steps, self.steps, self.seeds = succeed_at, max_steps, 0, []
+
+    def reset(self, seed):
+        self.seeds.append(seed)
+        self.steps = 0
+
+    def env_state(self):
+        return {"cube_pos": np.zeros(3)}
+
+    def observation(self, *, pixels=True):
+        obs = {"agent_pos": np.full(14, self.steps, dtype=np.float64)}
+        if pixels:
+            obs["pixels"] = {"top": np.zeros((480, 640, 3), np.uint8)}
+        return obs
+
+    def step(self, action):
+        self.steps += 1
+        done = self.succeed_at is not None and self.steps >= self.succeed_at
+        return {}, 4.0 if done else 0.0, done, self.steps >= self.max_steps, {}
+
+
+class RecordingPolicy:
+    """Remembers its requests; metadata optionally asks for env_state."""
+
+    def __init__(self, needs_env_state: bool) -> None:
+        self.metadata = {"name": "rec", "needs_env_state": needs_env_state}
+        self.requests, self.resets = [], 0
+
+    def infer(self, obs):
+        self.requests.append(obs)
+        return {
+            "action": np.zeros((50, 14), np.float32),
+            "inference_ms": 1.5,
+            "client_timing": {"round_trip_ms": 4.0},
+        }
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_chunks_and_step_limit_without_simulator():
+    from pi0remote.harness.eval import EvalConfig, run_episode
+
+    policy, env = RecordingPolicy(needs_env_state=False), FakeEnv()
+    result = run_episode(policy, env, 9, EvalConfig(max_steps=25, action_horizon=10, images=False))
+    assert (result.steps, result.policy_calls, result.success) == (25, 3, False)
+    assert [r["state"][0] for r in policy.requests] == [0, 10, 20]
+    assert all(set(r) == {"state"} for r in policy.requests) and env.seeds == [9] and policy.resets == 1
+    assert result.round_trip_ms_p50 == 4.0 and result.inference_ms_p95 == 1.5
+    assert result.robot_time_s == pytest.approx(25 * 0.02 + 3 * 0.004)
+
+
+def test_success_stops_and_env_state_is_sent_when_asked():
+    from pi0remote.harness.eval import EvalConfig, aggregate, run_episode
+
+    policy, env = RecordingPolicy(needs_env_state=True), FakeEnv(succeed_at=13)
+    result = run_episode(policy, env, 0, EvalConfig(max_steps=400, action_horizon=5, images=True))
+    assert (result.steps, result.success, result.success_step, result.policy_calls) == (13, True, 13, 3)
+    assert [r["step"] for r in policy.requests] == [0, 5, 10]
+    assert all("env_state" in r and r["cam_high"].shape == (3, 224, 224) for r in policy.requests)
+    agg = aggregate("rec", [result])
+    assert agg["success_rate"] == 1.0 and agg["mean_steps_to_success"] == 13.0
+
+
+def test_cli_needs_a_mode():
+    from pi0remote.eval import build_parser, modes_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--policy", "expert", "--compare", "tcp://h:1", "ws://h:2/ws"])
+    assert modes_from_args(parser, args) == ["expert", "tcp://h:1", "ws://h:2/ws"]
+    with pytest.raises(SystemExit):
+        modes_from_args(parser, parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy", "expert", "--policy-url", "tcp://h:1"])
+
+
 # ---------------------------------------------------------------------------------------- with MuJoCo
 
 sim = pytest.mark.sim
