@@ -1,0 +1,476 @@
+"""QUIC listeners: ``quic://`` (UDP) and ``quic+tcp://`` (QUIC datagrams framed on TCP), same port number.
+
+Each QUIC connection carries one client-opened bidirectional stream of ordinary pi0remote frames,
+served by a :class:`~pi0remote.server.connection.MessageConnection` (in-order serving, idle timer),
+exactly like a TCP connection. TLS 1.3 with ALPN ``pi0remote/1``; the certificate is ``server.cert`` /
+``server.key`` or a self-signed one generated at start, whose SHA-256 fingerprint is printed and put
+in the metadata as ``quic_fingerprint``.
+
+Server options (``PolicyServer(quic_options=...)``): ``max_datagram_size`` for UDP (default 1200,
+see docs/transports.md), ``tcp_max_datagram_size`` (default 16000), ``udp_buffer_bytes`` (4 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+
+from .. import protocol
+from .. import quic_common as qc
+from ..errors import ProtocolError
+from .connection import MessageConnection
+from .core import ServerCore, Session
+
+CONNECTION_ID_LENGTH = 8
+APP_ERROR_PROTOCOL = 0x1
+"""Application error code when a client breaks pi0remote's stream rules."""
+REPLY_GRACE_S = 0.25
+"""After a final reply (auth error, framing error) the connection closes this much later, so it arrives."""
+
+
+def _quic_idle(idle_timeout: float | None) -> float:
+    # QUIC's own idle timer is a backstop behind MessageConnection's (which closes with a CONNECTION_CLOSE)
+    return 86400.0 if not idle_timeout else idle_timeout * 1.5 + 5.0
+
+
+class QuicPeer(qc.LoopDriver):
+    """One server-side QUIC connection: its pi0remote stream, served in order by a MessageConnection."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        core: ServerCore,
+        *,
+        transport_name: str,
+        send_datagrams: Any,
+        on_terminated: Any,
+        max_message_bytes: int,
+        idle_timeout: float | None,
+        on_cid: Any = None,
+    ) -> None:
+        super().__init__(quic, send_datagrams)
+        self.core = core
+        self._on_cid = on_cid
+        self._on_terminated = on_terminated
+        self.stream_id: int | None = None
+        self.decoder = protocol.FrameDecoder(max_message_bytes)
+        self._reply_sent = False
+        self.conn = MessageConnection(
+            core,
+            Session(authenticated=False, transport=transport_name),
+            send=self._send_reply,
+            close=self._close,
+            idle_timeout=idle_timeout,
+        )
+
+    # -- MessageConnection callbacks ---------------------------------------------------------------
+    def _send_reply(self, message: bytes) -> None:
+        if self.stream_id is None or self.terminated:
+            return
+        self.quic.send_stream_data(self.stream_id, protocol.frame_header(len(message)) + message)
+        self._reply_sent = True
+        self.transmit()
+
+    def _close(self) -> None:
+        if self.terminated:
+            return
+        if self._reply_sent:
+            self.transmit()
+            self.loop.call_later(REPLY_GRACE_S, self._close_now, "closed by server")
+        else:
+            self._close_now("idle timeout")
+
+    def _close_now(self, reason: str) -> None:
+        if self.terminated:
+            return
+        self.quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase=reason)
+        self.transmit()
+
+    # -- QUIC events -----------------------------------------------------------------------------
+    def handle_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            self._stream_data(event)
+        elif isinstance(event, events.ConnectionTerminated):
+            self._terminated()
+        elif isinstance(event, events.StreamReset) and event.stream_id == self.stream_id:
+            self.conn.shutdown()
+        elif isinstance(event, (events.ConnectionIdIssued, events.ConnectionIdRetired)) and self._on_cid:
+            self._on_cid(self, event)
+
+    def _stream_data(self, event: events.StreamDataReceived) -> None:
+        if self.stream_id is None and event.stream_id % 4 == 0:  # client-initiated bidirectional
+            self.stream_id = event.stream_id
+        if event.stream_id != self.stream_id:
+            # pi0remote uses one stream per connection: refuse the others
+            try:
+                self.quic.reset_stream(event.stream_id, APP_ERROR_PROTOCOL)
+            except Exception:
+                pass
+            return
+        if self.conn.closed:
+            return
+        if event.data and not self.decoder.broken:
+            try:
+                self.decoder.feed(event.data)
+            except ProtocolError as exc:  # oversized or empty frame: the stream cannot be resynchronised
+                self._reply_sent = True
+                while self.decoder.pop() is not None:
+                    pass
+                self._send_reply(self.core.error_message(exc))
+                self.conn.shutdown()
+                return
+            while (message := self.decoder.pop()) is not None:
+                self.conn.message_received(message)
+        if event.end_stream and not self.conn.closed:
+            self.conn.shutdown()
+
+    def _terminated(self) -> None:
+        if self.terminated:
+            return
+        self.stop_timer()
+        self.conn.connection_lost()
+        self._on_terminated(self)
+
+    def close(self) -> None:
+        """Server shutdown."""
+        if not self.terminated:
+            self.conn.closed = True
+            self._close_now("server shutting down")
+
+
+class UdpQuicListener:
+    """Routes UDP datagrams to QUIC connections by destination connection ID; drops anything else."""
+
+    READ_BATCH = 256
+
+    def __init__(
+        self, core: ServerCore, sock: socket.socket, configuration: QuicConfiguration, opts: dict[str, Any]
+    ) -> None:
+        self.core = core
+        self.sock = sock
+        self.configuration = configuration
+        self.opts = opts
+        self.loop = asyncio.get_running_loop()
+        self.peers: dict[bytes, QuicPeer] = {}
+        self.dropped = 0
+        self.loop.add_reader(sock.fileno(), self._read_ready)
+
+    @property
+    def connections(self) -> set[QuicPeer]:
+        return set(self.peers.values())
+
+    def _sendto(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        for data, addr in datagrams:
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self.dropped += 1  # buffer full: QUIC's loss recovery resends
+            except OSError:
+                pass
+
+    def _read_ready(self) -> None:
+        touched: dict[QuicPeer, None] = {}
+        now = self.loop.time()
+        for _ in range(self.READ_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # e.g. an ICMP error reported on the socket
+            peer = self._route(data, addr, now)
+            if peer is not None:
+                touched[peer] = None
+        for peer in touched:
+            if not peer.terminated:
+                peer.after_input()
+
+    def _route(self, data: bytes, addr: Any, now: float) -> QuicPeer | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except Exception:
+            return None  # not QUIC
+        peer = self.peers.get(header.destination_cid)
+        if peer is None:
+            if (
+                header.packet_type != QuicPacketType.INITIAL
+                or len(data) < qc.MIN_DATAGRAM
+                or header.version not in self.configuration.supported_versions
+            ):
+                return None
+            quic = QuicConnection(
+                configuration=self.configuration, original_destination_connection_id=header.destination_cid
+            )
+            peer = QuicPeer(
+                quic,
+                self.core,
+                transport_name="quic",
+                send_datagrams=self._sendto,
+                on_terminated=self._forget,
+                on_cid=self._cid_event,
+                **self.opts,
+            )
+            try:
+                quic.receive_datagram(data, addr, now=now)
+                peer.process_events()
+                out = quic.datagrams_to_send(now=self.loop.time())
+            except Exception:
+                out = []
+            if not out:  # the Initial did not decrypt: not a real client, keep no state
+                peer.stop_timer()
+                peer.conn.connection_lost()
+                self._forget(peer)
+                return None
+            self.peers[header.destination_cid] = peer
+            self.peers[quic.host_cid] = peer
+            self._sendto(out)
+            peer.transmit()
+            return None
+        try:
+            peer.quic.receive_datagram(data, addr, now=now)
+        except Exception:
+            return None
+        return peer
+
+    def _cid_event(self, peer: QuicPeer, event: Any) -> None:
+        if isinstance(event, events.ConnectionIdIssued):
+            self.peers[event.connection_id] = peer
+        elif self.peers.get(event.connection_id) is peer:
+            del self.peers[event.connection_id]
+
+    def _forget(self, peer: QuicPeer) -> None:
+        for cid in [cid for cid, p in self.peers.items() if p is peer]:
+            del self.peers[cid]
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        for peer in list(self.connections):
+            peer.close()
+        self.sock.close()
+
+
+class TcpQuicProtocol(asyncio.Protocol):
+    """quic+tcp: one TCP connection carries one QUIC connection's datagrams as ``u32 length || datagram``."""
+
+    def __init__(
+        self, core: ServerCore, configuration: QuicConfiguration, opts: dict[str, Any], registry: set
+    ) -> None:
+        self.core = core
+        self.configuration = configuration
+        self.opts = opts
+        self.registry = registry
+        self.decoder = qc.datagram_decoder()
+        self.transport: asyncio.Transport | None = None
+        self.peer: QuicPeer | None = None
+        self.addr: Any = ("0.0.0.0", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.addr = transport.get_extra_info("peername") or self.addr
+        self.registry.add(self)
+        # Until a valid Initial arrives, only the idle timeout guards this connection.
+        idle = self.opts.get("idle_timeout")
+        self._handshake_timer = asyncio.get_running_loop().call_later(idle, self._abort) if idle else None
+
+    def _abort(self) -> None:
+        if self.peer is None and self.transport is not None:
+            self.transport.close()
+
+    def _write(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(qc.frame_datagrams(d for d, _ in datagrams))
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.decoder.feed(data)
+        except ProtocolError:
+            self.transport.close()  # not framed QUIC: drop just this connection
+            return
+        loop_now = asyncio.get_running_loop().time()
+        got = False
+        while (datagram := self.decoder.pop()) is not None:
+            datagram = bytes(datagram)
+            if self.peer is None:
+                if not self._first_datagram(datagram, loop_now):
+                    self.transport.close()
+                    return
+                continue
+            try:
+                self.peer.quic.receive_datagram(datagram, self.addr, now=loop_now)
+            except Exception:
+                continue
+            got = True
+        if got and self.peer is not None and not self.peer.terminated:
+            self.peer.after_input()
+
+    def _first_datagram(self, data: bytes, now: float) -> bool:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except Exception:
+            return False
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in self.configuration.supported_versions
+        ):
+            return False
+        quic = QuicConnection(
+            configuration=self.configuration, original_destination_connection_id=header.destination_cid
+        )
+        peer = QuicPeer(
+            quic,
+            self.core,
+            transport_name="quic+tcp",
+            send_datagrams=self._write,
+            on_terminated=self._peer_gone,
+            **self.opts,
+        )
+        try:
+            quic.receive_datagram(data, self.addr, now=now)
+        except Exception:
+            peer.stop_timer()
+            peer.conn.connection_lost()
+            return False
+        self.peer = peer
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        peer.after_input()
+        return True
+
+    def _peer_gone(self, peer: QuicPeer) -> None:
+        if self.transport is not None:
+            # let the CONNECTION_CLOSE frame leave before the TCP connection goes
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self.peer is not None and not self.peer.terminated:
+            self.peer._terminated()
+        self.transport = None
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _server_configuration(
+    server: Any, certificate: Any, chain: list[Any], key: Any, max_datagram: int
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[qc.ALPN],
+        max_datagram_size=max_datagram,
+        idle_timeout=_quic_idle(server.idle_timeout),
+        max_data=qc.FLOW_WINDOW,
+        max_stream_data=qc.FLOW_WINDOW,
+        connection_id_length=CONNECTION_ID_LENGTH,
+    )
+    config.certificate = certificate
+    config.certificate_chain = chain
+    config.private_key = key
+    config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+def _bind_udp(host: str, port: int, buffer_bytes: int) -> tuple[socket.socket, int]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        granted = qc.set_udp_buffers(sock, buffer_bytes)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, granted
+
+
+async def start_quic_listeners(server: Any) -> list[str]:
+    """Open the ``quic`` (UDP) and/or ``quic+tcp`` listeners of ``server`` on ``server.quic_port``."""
+    from . import _host_for_url
+
+    loop = asyncio.get_running_loop()
+    options = dict(server.quic_options)
+    udp_datagram = qc.check_datagram_size(options.get("max_datagram_size"), qc.DEFAULT_UDP_DATAGRAM)
+    tcp_datagram = qc.check_datagram_size(options.get("tcp_max_datagram_size"), qc.DEFAULT_TCP_DATAGRAM)
+    buffer_bytes = int(options.get("udp_buffer_bytes", qc.UDP_BUFFER_BYTES))
+
+    if server.cert:
+        certificate, chain, key = qc.load_cert_and_key(server.cert, server.key)
+    else:
+        certificate, key = qc.generate_self_signed([server.host, socket.gethostname()])
+        chain = []
+    fp = qc.fingerprint(certificate)
+    server.core.set_extra_metadata(quic_fingerprint=fp)
+    print(f"quic fingerprint sha256:{fp}", flush=True)
+
+    opts = server.listener_kwargs()
+    want_udp = "quic" in server.transports
+    want_tcp = "quic+tcp" in server.transports
+    host = _host_for_url(server.host)
+    urls: list[str] = []
+
+    udp_sock: socket.socket | None = None
+    tcp_server: asyncio.AbstractServer | None = None
+    port = server.quic_port
+    registry: set[TcpQuicProtocol] = set()
+    tcp_config = _server_configuration(server, certificate, chain, key, tcp_datagram)
+    for attempt in range(20):  # port 0: find a number free for both UDP and TCP
+        if want_udp:
+            udp_sock, granted = _bind_udp(server.host, port, buffer_bytes)
+            port = udp_sock.getsockname()[1]
+            server.quic_udp_buffer = granted
+        if want_tcp:
+            try:
+                tcp_server = await loop.create_server(
+                    lambda: TcpQuicProtocol(server.core, tcp_config, opts, registry), server.host, port
+                )
+            except OSError:
+                if udp_sock is not None and server.quic_port == 0 and attempt < 19:
+                    udp_sock.close()
+                    udp_sock, port = None, 0
+                    continue
+                if udp_sock is not None:
+                    udp_sock.close()
+                raise
+            port = tcp_server.sockets[0].getsockname()[1]
+        break
+
+    if udp_sock is not None:
+        udp_config = _server_configuration(server, certificate, chain, key, udp_datagram)
+        listener = UdpQuicListener(server.core, udp_sock, udp_config, opts)
+        server.quic_listener = listener
+        server.add_closer(listener.close)
+        urls.append(f"quic://{host}:{port}")
+    if tcp_server is not None:
+        server.quic_tcp_connections = registry
+
+        def close_tcp() -> None:
+            tcp_server.close()
+            for proto in list(registry):
+                proto.close()
+
+        server.add_closer(close_tcp)
+        urls.append(f"quic+tcp://{host}:{port}")
+    return urls
+
+
+__all__ = ["QuicPeer", "TcpQuicProtocol", "UdpQuicListener", "start_quic_listeners"]
