@@ -370,6 +370,16 @@ class TcpQuicProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+_SELF_SIGNED: dict[str, tuple[Any, Any]] = {}
+
+
+def _self_signed(host: str) -> tuple[Any, Any]:
+    """One generated identity per process and host: a server restarted in-process keeps its fingerprint."""
+    if host not in _SELF_SIGNED:
+        _SELF_SIGNED[host] = qc.generate_self_signed([host, socket.gethostname()])
+    return _SELF_SIGNED[host]
+
+
 def _server_configuration(
     server: Any, certificate: Any, chain: list[Any], key: Any, max_datagram: int
 ) -> QuicConfiguration:
@@ -416,7 +426,7 @@ async def start_quic_listeners(server: Any) -> list[str]:
     if server.cert:
         certificate, chain, key = qc.load_cert_and_key(server.cert, server.key)
     else:
-        certificate, key = qc.generate_self_signed([server.host, socket.gethostname()])
+        certificate, key = _self_signed(server.host)
         chain = []
     fp = qc.fingerprint(certificate)
     server.core.set_extra_metadata(quic_fingerprint=fp)
