@@ -22,42 +22,45 @@ from pi0remote.harness.procs import ServerProcess
 TARGETS = {"tcp": 1.25, "ws": 3.0, "http": 6.0, "local": 0.5}
 
 
-def measure_client(url: str, obs: dict, n: int, warmup: int) -> list[float]:
-    samples = []
-    with connect(url) as client:
-        for i in range(warmup + n):
-            t0 = time.perf_counter()
-            client.infer(obs)
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
-    return samples
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n", type=int, default=1000, help="calls per path (after warm-up)")
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=10, help="interleave the paths in this many rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     obs = canonical_obs(0)
     request, reply_size = canonical_sizes(obs)
-    results: dict[str, float] = {}
+    per_round = max(1, args.n // args.rounds)
+    samples: dict[str, list[float]] = {name: [] for name in ("floor", "tcp", "ws", "http", "local")}
     floor_proc, port = start_floor_server(reply_size)
     try:
-        results["floor"] = statistics.median(measure_floor(port, request, args.n, args.warmup)) * 1e6
+        with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv:
+            clients = {s: connect(srv.url(s)) for s in ("tcp", "ws", "http")}
+            clients["local"] = connect("local://zeros")
+            for client in clients.values():
+                for _ in range(args.warmup):
+                    client.infer(obs)
+            measure_floor(port, request, 0, args.warmup)
+            # Interleaved rounds: every path sees the same machine noise.
+            for _ in range(args.rounds):
+                samples["floor"] += measure_floor(port, request, per_round, 2)
+                for name, client in clients.items():
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        client.infer(obs)
+                        samples[name].append(time.perf_counter() - t0)
+            for client in clients.values():
+                client.close()
     finally:
         floor_proc.kill()
-    with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv:
-        for scheme in ("tcp", "ws", "http"):
-            results[scheme] = (
-                statistics.median(measure_client(srv.url(scheme), obs, args.n, args.warmup)) * 1e6
-            )
-    results["local"] = statistics.median(measure_client("local://zeros", obs, args.n, args.warmup)) * 1e6
+    results = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
     floor = results["floor"]
     if args.json:
         print(json.dumps({"p50_us": results, "ratio": {k: v / floor for k, v in results.items()}}, indent=2))
         return
-    print(f"request {len(request)} B, reply {reply_size} B, n={args.n} after {args.warmup} warm-up calls")
+    print(f"request {len(request)} B, reply {reply_size} B, {per_round * args.rounds} calls per path "
+          f"in {args.rounds} interleaved rounds after {args.warmup} warm-up calls")
     print(f"{'path':8} {'p50 µs':>9} {'× floor':>8} {'target':>7}")
     for name, us in results.items():
         target = TARGETS.get(name)

@@ -23,6 +23,8 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from . import codec
 from .errors import CodecError, MessageTooLarge, ProtocolError, VersionMismatch, to_wire
 
@@ -61,6 +63,56 @@ def encode_message(kind: int, body: Any) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode payload: {exc}") from exc
     return packer.bytes()
+
+
+ZERO_COPY_MIN_BYTES = 16384
+"""Arrays at least this large are sent from their own memory by :func:`encode_message_parts`."""
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_message_parts(kind: int, body: dict[str, Any]) -> list[bytes | memoryview]:
+    """The same bytes as :func:`encode_message`, as a list of buffers for one scatter-gather write.
+
+    Large C-contiguous arrays at the top level of ``body`` (camera frames) are not copied: their
+    memory becomes a part of the list, between the msgpack bytes around it. Joining the parts gives
+    exactly ``encode_message(kind, body)``.
+    """
+    packer = codec.new_packer()
+    parts: list[bytes | memoryview] = []
+    try:
+        packer.pack(kind)
+        packer.pack_map_header(len(body))
+        for key, value in body.items():
+            packer.pack(key)
+            if (
+                isinstance(value, np.ndarray)
+                and value.nbytes >= ZERO_COPY_MIN_BYTES
+                and value.flags.c_contiguous
+                and value.dtype.kind in codec.ALLOWED_KINDS
+            ):
+                packer.pack_map_header(5)
+                for k, v in ((b"nd", True), (b"type", value.dtype.str), (b"kind", b""), (b"shape", value.shape)):
+                    packer.pack(k)
+                    packer.pack(v)
+                packer.pack(b"data")
+                parts.append(packer.bytes() + _bin_header(value.nbytes))
+                packer.reset()
+                parts.append(memoryview(value).cast("B"))
+            else:
+                packer.pack(value)
+    except CodecError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"cannot encode payload: {exc}") from exc
+    parts.append(packer.bytes())
+    return parts
 
 
 def split_message(message: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
@@ -137,61 +189,86 @@ class FrameDecoder:
     """Sans-I/O reassembly of length-prefixed frames.
 
     Feed it bytes with :meth:`feed`, or let an ``asyncio.BufferedProtocol`` / ``socket.recv_into`` write
-    straight into :meth:`get_buffer` and report with :meth:`buffer_updated` (no intermediate copies:
-    each message lands in its own exactly-sized ``bytearray``). Complete messages are drained with
+    into :meth:`get_buffer` and report with :meth:`buffer_updated`. Between frames the buffer is a
+    64 KiB scratch area, so one read takes a header and the start of its body together; inside a large
+    body the buffer is the rest of that message's own exactly-sized ``bytearray``, so the bulk of a
+    camera frame is received in place, without intermediate copies. Complete messages are drained with
     :meth:`pop` / :meth:`messages`. A frame over ``max_message_bytes`` raises :class:`MessageTooLarge`
     as soon as its header arrives; after that the stream cannot be resynchronised and must be closed.
     """
 
+    SCRATCH_BYTES = 65536
+
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
         self._header = bytearray(HEADER.size)
-        self._target: bytearray = self._header
-        self._filled = 0
-        self._in_body = False
+        self._header_filled = 0
+        self._body: bytearray | None = None
+        self._body_filled = 0
+        self._scratch = memoryview(bytearray(self.SCRATCH_BYTES))
         self._ready: deque[bytearray] = deque()
         self.broken = False
 
     @property
     def mid_frame(self) -> bool:
         """True when part of a frame has arrived and the rest has not (a truncated or slow frame)."""
-        return self._in_body or self._filled > 0
+        return self._body is not None or self._header_filled > 0
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self.broken:
             raise ProtocolError("stream is broken after a framing error")
-        return memoryview(self._target)[self._filled :]
+        body = self._body
+        if body is not None and len(body) - self._body_filled >= self.SCRATCH_BYTES:
+            return memoryview(body)[self._body_filled :]
+        return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._filled < len(self._target):
+        body = self._body
+        if body is not None and len(body) - self._body_filled >= self.SCRATCH_BYTES:
+            self._body_filled += nbytes  # written in place
+            if self._body_filled == len(body):
+                self._finish_body()
             return
-        if not self._in_body:
-            (length,) = HEADER.unpack(self._header)
-            if length > self.max_message_bytes:
-                self.broken = True
-                raise MessageTooLarge(
-                    f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}"
-                )
-            if length == 0:
-                self.broken = True
-                raise ProtocolError("empty frame")
-            self._target = bytearray(length)
-            self._in_body = True
-        else:
-            self._ready.append(self._target)
-            self._target = self._header
-            self._in_body = False
-        self._filled = 0
+        self.feed(self._scratch[:nbytes])
+
+    def _finish_body(self) -> None:
+        assert self._body is not None
+        self._ready.append(self._body)
+        self._body = None
+        self._body_filled = 0
+
+    def _start_body(self) -> None:
+        (length,) = HEADER.unpack(self._header)
+        self._header_filled = 0
+        if length > self.max_message_bytes:
+            self.broken = True
+            raise MessageTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}")
+        if length == 0:
+            self.broken = True
+            raise ProtocolError("empty frame")
+        self._body = bytearray(length)
+        self._body_filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            raise ProtocolError("stream is broken after a framing error")
         view = memoryview(data)
         while view:
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            self.buffer_updated(n)
+            body = self._body
+            if body is None:
+                n = min(HEADER.size - self._header_filled, len(view))
+                self._header[self._header_filled : self._header_filled + n] = view[:n]
+                self._header_filled += n
+                view = view[n:]
+                if self._header_filled == HEADER.size:
+                    self._start_body()
+            else:
+                n = min(len(body) - self._body_filled, len(view))
+                body[self._body_filled : self._body_filled + n] = view[:n]
+                self._body_filled += n
+                view = view[n:]
+                if self._body_filled == len(body):
+                    self._finish_body()
 
     def pop(self) -> bytearray | None:
         return self._ready.popleft() if self._ready else None

@@ -8,23 +8,34 @@ reconnect after a dropped connection) lives here once, for every transport.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Union
 
 from .. import codec, protocol
 from ..errors import ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout, from_wire
 from ..policies.base import PolicyMetadata
+
+Message = Union[bytes, list]
+"""A request message: bytes, or (for transports with ``accepts_parts``) a list of buffers to join."""
+
+
+def encode_request(transport: Transport | AsyncTransport, kind: int, body: Any) -> Message:
+    if getattr(transport, "accepts_parts", False) and isinstance(body, dict):
+        return protocol.encode_message_parts(kind, body)
+    return protocol.encode_message(kind, body)
 
 
 class Transport:
     """Sync transport seam. Subclasses implement the three methods."""
 
     scheme = "?"
+    accepts_parts = False
+    """True when :meth:`roundtrip` also takes a list of buffers (a scatter-gather message)."""
 
     def open(self) -> dict[str, Any]:
         """Connect (with bounded retries) and return the server's metadata."""
         raise NotImplementedError
 
-    def roundtrip(self, message: bytes) -> tuple[int, bytes | bytearray | memoryview]:
+    def roundtrip(self, message: Message) -> tuple[int, bytes | bytearray | memoryview]:
         """Send one request message (kind byte + body); return the reply's kind and body."""
         raise NotImplementedError
 
@@ -116,7 +127,7 @@ class PolicyClient(_ClientBase):
             self._open = True
         return self
 
-    def _call(self, message: bytes) -> tuple[int, Any]:
+    def _call(self, message: Message) -> tuple[int, Any]:
         if not self._open:
             self.connect()
         try:
@@ -144,7 +155,7 @@ class PolicyClient(_ClientBase):
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Send one observation; return the policy's reply with ``client_timing`` added."""
         t0 = time.perf_counter()
-        message = protocol.encode_message(protocol.INFER, obs)
+        message = encode_request(self.transport, protocol.INFER, obs)
         t1 = time.perf_counter()
         kind, body = self._call(message)
         t2 = time.perf_counter()

@@ -42,6 +42,7 @@ def _error_body(status: int, body: bytes) -> bytes:
 
 class HttpTransport(Transport):
     scheme = "http"
+    accepts_parts = True
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class HttpTransport(Transport):
     def open(self) -> dict[str, Any]:
         self._connect()
         try:
-            status, body = self._request("GET", "/metadata", b"")
+            status, body = self._request("GET", "/metadata", [])
         except BaseException:
             self.close()
             raise
@@ -83,34 +84,30 @@ class HttpTransport(Transport):
             raise from_wire(codec.unpackb(_error_body(status, body)))
         return codec.unpackb(body)
 
-    def roundtrip(self, message: bytes) -> tuple[int, bytes]:
-        kind = message[0]
+    def roundtrip(self, message: bytes | list) -> tuple[int, bytes]:
+        parts = message if isinstance(message, list) else [message]
+        kind = parts[0][0]
         if kind not in _KIND_PATHS:
             raise ProtocolError(f"HTTP carries no {protocol.KIND_NAMES.get(kind, kind)} messages")
         method, path, ok_kind = _KIND_PATHS[kind]
         if self.sock is None:
             raise ConnectionLost("not connected")
-        status, body = self._request(method, path, memoryview(message)[1:])
+        status, body = self._request(method, path, [memoryview(parts[0])[1:], *parts[1:]])
         if status != 200:
             return protocol.ERROR, _error_body(status, body)
         return ok_kind, body
 
     # -- HTTP/1.1 on a blocking socket ------------------------------------------------------------
-    def _request(self, method: str, path: str, body: bytes | memoryview) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, body: list) -> tuple[int, bytes]:
+        """One request whose body is the concatenation of ``body``'s buffers, sent in one call."""
         assert self.sock is not None
-        head = (
-            f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1")
-            + self._common
-            + (
-                f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                if method == "POST"
-                else b"\r\n"
-            )
-        )
-        if body:
-            send_all(self.sock, head, body)
+        length = sum(len(p) for p in body)
+        head = f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common
+        if method == "POST":
+            head += f"Content-Type: application/msgpack\r\nContent-Length: {length}\r\n\r\n".encode()
         else:
-            send_all(self.sock, head)
+            head += b"\r\n"
+        send_all(self.sock, head, *[p for p in body if len(p)])
         status, headers = self._read_head()
         if headers.get("transfer-encoding", "").lower() == "chunked":
             data = self._read_chunked()

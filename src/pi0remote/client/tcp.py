@@ -21,8 +21,11 @@ class FramedSocket:
         self.sock = sock
         self.decoder = protocol.FrameDecoder(max_message_bytes)
 
-    def send(self, message: bytes) -> None:
-        send_all(self.sock, protocol.frame_header(len(message)), message)
+    def send(self, message: bytes | list) -> None:
+        if isinstance(message, list):
+            send_all(self.sock, protocol.frame_header(sum(len(p) for p in message)), *message)
+        else:
+            send_all(self.sock, protocol.frame_header(len(message)), message)
 
     def recv(self) -> bytearray:
         decoder = self.decoder
@@ -30,7 +33,7 @@ class FramedSocket:
             decoder.buffer_updated(recv_into(self.sock, decoder.get_buffer()))
         return message
 
-    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
         self.send(message)
         return protocol.split_message(self.recv())
 
@@ -47,6 +50,7 @@ class FramedSocket:
 
 class TcpTransport(Transport):
     scheme = "tcp"
+    accepts_parts = True
 
     def __init__(
         self,
@@ -75,7 +79,7 @@ class TcpTransport(Transport):
             self.close()
             raise
 
-    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
         if self.conn is None:
             raise ConnectionLost("not connected")
         return self.conn.roundtrip(message)

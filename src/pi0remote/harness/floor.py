@@ -68,18 +68,19 @@ def measure_floor(port: int, request: bytes, n: int, warmup: int) -> list[float]
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     header = _HEADER.pack(len(request))
-    hbuf = bytearray(4)
+    buf = bytearray(1 << 16)
     samples: list[float] = []
     try:
         for i in range(warmup + n):
             t0 = time.perf_counter()
             sock.sendmsg([header, request])
-            view = memoryview(hbuf)
-            while view:
-                view = view[sock.recv_into(view) :]
-            (length,) = _HEADER.unpack(hbuf)
+            got = sock.recv_into(buf)  # header and (usually) the whole reply in one read
+            while got < 4:
+                got += sock.recv_into(memoryview(buf)[got:])
+            (length,) = _HEADER.unpack_from(buf)
             body = bytearray(length)
-            view = memoryview(body)
+            body[: got - 4] = buf[4:got]
+            view = memoryview(body)[got - 4 :]
             while view:
                 view = view[sock.recv_into(view) :]
             if i >= warmup:
