@@ -62,7 +62,7 @@ class QuicPeer(qc.LoopDriver):
         self._on_terminated = on_terminated
         self.stream_id: int | None = None
         self.decoder = protocol.FrameDecoder(max_message_bytes)
-        self._reply_sent = False
+        self._last_reply_at = -1e9
         self.conn = MessageConnection(
             core,
             Session(authenticated=False, transport=transport_name),
@@ -76,13 +76,13 @@ class QuicPeer(qc.LoopDriver):
         if self.stream_id is None or self.terminated:
             return
         self.quic.send_stream_data(self.stream_id, protocol.frame_header(len(message)) + message)
-        self._reply_sent = True
+        self._last_reply_at = self.loop.time()
         self.transmit()
 
     def _close(self) -> None:
         if self.terminated:
             return
-        if self._reply_sent:
+        if self.loop.time() - self._last_reply_at < 0.05:  # closing right after a final reply
             self.transmit()
             self.loop.call_later(REPLY_GRACE_S, self._close_now, "closed by server")
         else:
@@ -121,7 +121,6 @@ class QuicPeer(qc.LoopDriver):
             try:
                 self.decoder.feed(event.data)
             except ProtocolError as exc:  # oversized or empty frame: the stream cannot be resynchronised
-                self._reply_sent = True
                 while self.decoder.pop() is not None:
                     pass
                 self._send_reply(self.core.error_message(exc))
