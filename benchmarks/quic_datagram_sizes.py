@@ -55,10 +55,24 @@ def main() -> None:
         results["floor"] = statistics.median(measure_floor(port, request, args.n, args.warmup)) * 1e6
     finally:
         floor_proc.kill()
-    server_args = ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp",
-                   "--quic-port", "0", "--quic-max-datagram", "16000"]
+    server_args = [
+        "--policy",
+        "zeros",
+        "--http-port",
+        "0",
+        "--tcp-port",
+        "0",
+        "--transports",
+        "tcp",
+        "--quic-port",
+        "0",
+        "--quic-max-datagram",
+        "16000",
+    ]
     with ServerProcess(server_args) as srv:
-        fingerprint = next(line.rsplit("sha256:", 1)[1] for line in srv.lines if line.startswith("quic fingerprint"))
+        fingerprint = next(
+            line.rsplit("sha256:", 1)[1] for line in srv.lines if line.startswith("quic fingerprint")
+        )
         pin = {"quic_fingerprint": fingerprint}
         results["tcp"] = statistics.median(measure(srv.url("tcp"), obs, args.n, args.warmup)) * 1e6
         for size in (1200, 9000, 16000):

@@ -20,7 +20,6 @@ import pytest
 pytest.importorskip("aioquic")
 
 from conftest import ProbePolicy, expected_action, make_obs  # noqa: E402
-
 from pi0remote import AuthenticationError, ConnectError, connect  # noqa: E402
 from pi0remote.quic_common import TlsVerificationError, fingerprint  # noqa: E402
 from pi0remote.server import BackgroundServer  # noqa: E402
@@ -70,7 +69,8 @@ def check(client, seed: int) -> None:
 
 # -- round trips and settings ----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "transport,size", [("quic", None), ("quic", 9000), ("quic", 16000), ("quic+tcp", None), ("quic+tcp", 1200)]
+    "transport,size",
+    [("quic", None), ("quic", 9000), ("quic", 16000), ("quic+tcp", None), ("quic+tcp", 1200)],
 )
 def test_round_trips_are_exact(srv, transport: str, size: int | None) -> None:
     opts = {"quic_max_datagram": size} if size else {}
@@ -115,11 +115,12 @@ def test_wrong_pin_and_unverified_self_signed_are_refused(srv, transport: str) -
 
 
 def _ca_and_server_cert(tmp_path) -> tuple[str, str, str]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -148,7 +149,9 @@ def _ca_and_server_cert(tmp_path) -> tuple[str, str, str]:
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
@@ -157,7 +160,9 @@ def _ca_and_server_cert(tmp_path) -> tuple[str, str, str]:
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return tuple(str(p) for p in paths)  # type: ignore[return-value]
 
@@ -193,7 +198,9 @@ def test_token_on_and_off(srv, transport: str) -> None:
 class LossyUdpRelay:
     """Forwards UDP between one client and ``target``, dropping, duplicating and reordering (seeded)."""
 
-    def __init__(self, target: tuple[str, int], *, drop: float, dup: float, reorder: float, seed: int) -> None:
+    def __init__(
+        self, target: tuple[str, int], *, drop: float, dup: float, reorder: float, seed: int
+    ) -> None:
         self.target = target
         self.rates = (drop, dup, reorder)
         self.rng = random.Random(seed)
@@ -257,12 +264,16 @@ def test_lossy_udp_relay_still_gives_exact_results(srv, size: int) -> None:
     port = int(srv.url("quic").rsplit(":", 1)[1])
     relay = LossyUdpRelay(("127.0.0.1", port), drop=0.07, dup=0.05, reorder=0.07, seed=size)
     try:
-        with connect(f"quic://127.0.0.1:{relay.port}", quic_fingerprint=pin(srv), quic_max_datagram=size, timeout=20) as client:
+        with connect(
+            f"quic://127.0.0.1:{relay.port}", quic_fingerprint=pin(srv), quic_max_datagram=size, timeout=20
+        ) as client:
             for seed in range(8):
                 check(client, seed)
     finally:
         relay.close()
-    assert relay.stats["dropped"] > 0 and relay.stats["duplicated"] > 0 and relay.stats["reordered"] > 0, relay.stats
+    assert relay.stats["dropped"] > 0 and relay.stats["duplicated"] > 0 and relay.stats["reordered"] > 0, (
+        relay.stats
+    )
 
 
 # -- a TCP relay that breaks -----------------------------------------------------------------------
@@ -353,7 +364,8 @@ def test_garbage_does_not_disturb_a_live_client(srv) -> None:
             for i in range(300):
                 size = rng.choice([0, 1, 5, 40, 1200, 1500, 9000])
                 data = bytes(rng.getrandbits(8) for _ in range(size))
-                if i % 3 == 0:  # a well-formed QUIC v1 Initial header (new connection ID) with random contents
+                # every third: a well-formed QUIC v1 Initial header (new connection ID), random contents
+                if i % 3 == 0:
                     body = os.urandom(1200)
                     data = bytes([0xC3, 0, 0, 0, 1, 8]) + os.urandom(8) + bytes([8]) + os.urandom(8)
                     data += bytes([0, 0x40 | (len(body) >> 8), len(body) & 0xFF]) + body
@@ -390,7 +402,18 @@ def test_idle_connections_close_and_the_client_reconnects(transport: str) -> Non
 def test_serve_prints_both_urls_and_the_fingerprint() -> None:
     from pi0remote.harness.procs import ServerProcess
 
-    args = ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--quic-port", "0", "--transports", "tcp"]
+    args = [
+        "--policy",
+        "zeros",
+        "--http-port",
+        "0",
+        "--tcp-port",
+        "0",
+        "--quic-port",
+        "0",
+        "--transports",
+        "tcp",
+    ]
     with ServerProcess(args, ready_timeout=60) as proc:
         printed = [line for line in proc.lines if line.startswith("quic fingerprint sha256:")]
         assert len(printed) == 1

@@ -116,7 +116,9 @@ class _Session:
                         f"certificate of {self.url} has fingerprint sha256:{got}, not the pinned sha256:{self.fingerprint}"
                     )
                 )
-                self.quic.close(error_code=_TLS_ALERT_BASE + 42, reason_phrase="certificate fingerprint mismatch")
+                self.quic.close(
+                    error_code=_TLS_ALERT_BASE + 42, reason_phrase="certificate fingerprint mismatch"
+                )
                 return
         self.connected = True
 
@@ -319,11 +321,15 @@ class QuicTransport(Transport):
             except (ConnectError, ConnectionLost, OSError) as exc:
                 self.close()
                 if attempt == self.retries:
-                    raise ConnectError(f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}") from exc
+                    raise ConnectError(
+                        f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}"
+                    ) from exc
                 time.sleep(delay)
                 delay *= 2
         try:
-            kind, body = self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token)))
+            kind, body = self.roundtrip(
+                protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
+            )
             return _decode_reply(kind, body, protocol.METADATA)
         except BaseException:
             self.close()
@@ -394,7 +400,11 @@ class QuicTransport(Transport):
                 session.quic.receive_datagram(data, link.addr, now=now)
             session.handle_events()
         if session.failure is not None:
-            raise ConnectionLost(str(session.failure)) if not isinstance(session.failure, ConnectionLost) else session.failure
+            raise (
+                ConnectionLost(str(session.failure))
+                if not isinstance(session.failure, ConnectionLost)
+                else session.failure
+            )
         session.send(message)
         decoder = session.decoder
         if not self._pump(lambda: bool(decoder._ready), time.monotonic() + self.timeout):
@@ -543,11 +553,15 @@ class AsyncQuicTransport(AsyncTransport):
             except (ConnectError, ConnectionLost, OSError) as exc:
                 await self.close()
                 if attempt == self.retries:
-                    raise ConnectError(f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}") from exc
+                    raise ConnectError(
+                        f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}"
+                    ) from exc
                 await asyncio.sleep(delay)
                 delay *= 2
         try:
-            kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token)))
+            kind, body = await self.roundtrip(
+                protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
+            )
             return _decode_reply(kind, body, protocol.METADATA)
         except BaseException:
             await self.close()
@@ -558,7 +572,9 @@ class AsyncQuicTransport(AsyncTransport):
         opts = self.options
         if opts["over_tcp"]:
             try:
-                _, link = await asyncio.wait_for(loop.create_connection(_AsyncTcp, self.host, self.port), self.timeout)
+                _, link = await asyncio.wait_for(
+                    loop.create_connection(_AsyncTcp, self.host, self.port), self.timeout
+                )
             except (OSError, asyncio.TimeoutError) as exc:
                 raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
             addr = link.addr
@@ -613,7 +629,11 @@ class AsyncQuicTransport(AsyncTransport):
             raise ConnectionLost("not connected")
         session = driver.session
         if session.failure is not None:
-            raise ConnectionLost(str(session.failure)) if not isinstance(session.failure, ConnectionLost) else session.failure
+            raise (
+                ConnectionLost(str(session.failure))
+                if not isinstance(session.failure, ConnectionLost)
+                else session.failure
+            )
         session.send(message)
         driver.transmit()
         decoder = session.decoder
