@@ -4,7 +4,9 @@
 
 Serves ``zeros`` in a separate process, then measures p50 round trip of the canonical request for the
 raw-socket floor (same framing, minimal server, blocking client socket) and for tcp, ws, http and
-local, and prints each as a ratio to the floor. docs/benchmarks.md records the results.
+local, in interleaved rounds so every path sees the same machine noise, and prints each as a ratio to
+the floor. A last row serves the same zeros through the policy thread (``sleep:0``): the cost of the
+thread hand-off every real policy pays. docs/benchmarks.md records the results.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ def main() -> None:
     obs = canonical_obs(0)
     request, reply_size = canonical_sizes(obs)
     per_round = max(1, args.n // args.rounds)
-    samples: dict[str, list[float]] = {name: [] for name in ("floor", "tcp", "ws", "http", "local")}
+    names = ("floor", "tcp", "ws", "http", "local", "tcp, policy thread")
+    samples: dict[str, list[float]] = {name: [] for name in names}
     floor_proc, port = start_floor_server(reply_size)
     try:
-        with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv:
+        threaded = ["--policy", "sleep:0", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]
+        with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv, ServerProcess(threaded) as srv2:
             clients = {s: connect(srv.url(s)) for s in ("tcp", "ws", "http")}
             clients["local"] = connect("local://zeros")
+            # the same zeros reply, but handed to the policy thread and back (as every real policy is)
+            clients["tcp, policy thread"] = connect(srv2.url("tcp"))
             for client in clients.values():
                 for _ in range(args.warmup):
                     client.infer(obs)
@@ -61,11 +67,11 @@ def main() -> None:
         return
     print(f"request {len(request)} B, reply {reply_size} B, {per_round * args.rounds} calls per path "
           f"in {args.rounds} interleaved rounds after {args.warmup} warm-up calls")
-    print(f"{'path':8} {'p50 µs':>9} {'× floor':>8} {'target':>7}")
+    print(f"{'path':18} {'p50 µs':>9} {'× floor':>8} {'target':>7}")
     for name, us in results.items():
         target = TARGETS.get(name)
         mark = "" if target is None else ("ok" if us / floor <= target else "MISS")
-        print(f"{name:8} {us:9.1f} {us / floor:8.2f} {'' if target is None else f'≤{target:g}':>7} {mark}")
+        print(f"{name:18} {us:9.1f} {us / floor:8.2f} {'' if target is None else f'≤{target:g}':>7} {mark}")
 
 
 if __name__ == "__main__":

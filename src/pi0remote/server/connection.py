@@ -58,27 +58,41 @@ class MessageConnection:
         self._inbox: deque[Any] = deque()
         self._task: asyncio.Task | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
+        self._suspended = False
         self.closed = False
         self._paused = False
         self.restart_idle_timer()
 
     def restart_idle_timer(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        if self.idle_timeout and not self.closed:
-            self._idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._on_idle)
+        """Mark activity now (a complete message or a reply); the idle clock restarts from here.
+
+        Cheap on purpose (called twice per request): it stores a time; the one timer re-arms itself.
+        """
+        self._suspended = False
+        if not self.idle_timeout or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._last_active = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_at(self._last_active + self.idle_timeout, self._on_idle)
 
     def suspend_idle_timer(self) -> None:
         """Stop the idle clock while the owner has a request in flight."""
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._suspended = True
 
     def _on_idle(self) -> None:
         self._idle = None
-        if self._task is None and not self.closed:
+        if self.closed or not self.idle_timeout:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._suspended or self._task is not None:
+            self._idle = loop.call_at(now + self.idle_timeout, self._on_idle)
+        elif now - self._last_active >= self.idle_timeout - 1e-3:
             self.shutdown()
+        else:
+            self._idle = loop.call_at(self._last_active + self.idle_timeout, self._on_idle)
 
     def shutdown(self) -> None:
         if self.closed:
