@@ -447,6 +447,12 @@ async def start_quic_listeners(server: Any) -> list[str]:
             udp_sock, granted = _bind_udp(server.host, port, buffer_bytes)
             port = udp_sock.getsockname()[1]
             server.quic_udp_buffer = granted
+            if granted < buffer_bytes:  # Linux reports twice the usable size, so this is under half
+                print(
+                    f"quic warning: UDP receive buffer is {granted} bytes, asked for {buffer_bytes}; "
+                    "raise net.core.rmem_max or expect drops on large requests",
+                    flush=True,
+                )
         if want_tcp:
             try:
                 tcp_server = await loop.create_server(
