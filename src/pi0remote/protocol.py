@@ -190,14 +190,14 @@ class FrameDecoder:
 
     Feed it bytes with :meth:`feed`, or let an ``asyncio.BufferedProtocol`` / ``socket.recv_into`` write
     into :meth:`get_buffer` and report with :meth:`buffer_updated`. Between frames the buffer is a
-    64 KiB scratch area, so one read takes a header and the start of its body together; inside a large
+    256 KiB scratch area, so one read takes a header and the start of its body together; inside a large
     body the buffer is the rest of that message's own exactly-sized ``bytearray``, so the bulk of a
     camera frame is received in place, without intermediate copies. Complete messages are drained with
     :meth:`pop` / :meth:`messages`. A frame over ``max_message_bytes`` raises :class:`MessageTooLarge`
     as soon as its header arrives; after that the stream cannot be resynchronised and must be closed.
     """
 
-    SCRATCH_BYTES = 65536
+    SCRATCH_BYTES = 262144
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
