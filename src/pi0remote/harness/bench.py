@@ -186,7 +186,7 @@ def call_record(reply: dict[str, Any], prep_ms: float, t_start: float, reply_byt
         "network_ms": max(0.0, transport - total),
         "client_decode_ms": float(ct.get("decode_ms", 0.0)),
         "server_decode_ms": float(st.get("decode_ms", 0.0) or 0.0),
-        "queue_ms": float(st.get("queue_ms", 0.0) or 0.0),
+        "queue_reported_ms": float(st.get("queue_ms", 0.0) or 0.0),
         "policy_ms": policy,
         "server_encode_ms": float(st.get("encode_ms", 0.0) or 0.0),
         "server_total_ms": total,
@@ -194,6 +194,10 @@ def call_record(reply: dict[str, Any], prep_ms: float, t_start: float, reply_byt
         "batch_size": int(st.get("batch_size", 1) or 1),
         "reply_bytes": reply_bytes,
     }
+    # "queue" is all server time that is not decode, policy or encode: waiting for the policy thread
+    # (reported queue_ms) plus the hand-offs between event loop and policy thread, so the seven stages
+    # add up to the round trip.
+    rec["queue_ms"] = max(0.0, total - rec["server_decode_ms"] - policy - rec["server_encode_ms"])
     rec["overhead_ms"] = rec["round_trip_ms"] - total
     extra = {k: float(v) for k, v in st.items() if k not in _SERVER_KEYS and isinstance(v, (int, float))}
     if extra:
@@ -414,7 +418,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "Round trip is from having the observation to having the decoded action (JPEG encoding included). "
         "Overhead = round trip − server-reported total time. × floor = median(round trip − policy time) / "
-        "raw-socket floor p50 (same request bytes, minimal server, same run). Bytes are pi0remote messages "
+        "raw-socket floor p50 (same request bytes, minimal server, same run). Stages: network = client "
+        "transport time − server total; queue = server total − decode − policy − encode (waiting for the "
+        "policy thread and the hand-offs). Bytes are pi0remote messages "
         "without transport framing (HTTP headers, WebSocket and QUIC framing come on top).",
         "",
         "## Median call, by stage (ms)",
