@@ -49,6 +49,10 @@ def _import_policies_alone() -> None:
         sys.modules["pi0remote"] = pkg
 
 
+class _Skipped(Exception):
+    pass
+
+
 def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(xs), q)), 3) if xs else float("nan")
 
@@ -160,13 +164,54 @@ def openpi_policy_around(weights: Any, prompt: str = "Transfer cube") -> Any:
     )
 
 
+def openpi_breakdown(op: Any, obs_list: list[dict[str, Any]], n: int) -> dict[str, float]:
+    """openpi's Policy.infer, step by step (same steps, each timed; the host copy blocks)."""
+    import jax
+    import jax.numpy as jnp
+    from openpi.models import model as _model
+
+    from pi0remote.policies.pi0 import OpenpiPi0Policy
+
+    steps: dict[str, list[float]] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        steps.setdefault(name, []).append((now - t) * 1000)
+        return now
+
+    for i in range(n):
+        data = OpenpiPi0Policy.to_openpi(obs_list[i % len(obs_list)])
+        t = time.perf_counter()
+        inputs = op._input_transform(jax.tree.map(lambda x: x, data))
+        t = lap("input_transforms", t)
+        inputs = jax.tree.map(lambda x: jnp.asarray(x)[np.newaxis, ...], inputs)
+        t = lap("to_device", t)
+        op._rng, rng = jax.random.split(op._rng)
+        t = lap("rng_split", t)
+        observation = _model.Observation.from_dict(inputs)
+        t = lap("observation_from_dict", t)
+        actions = op._sample_actions(rng, observation, **op._sample_kwargs)
+        t = lap("sample_actions_dispatch", t)
+        outputs = jax.tree.map(
+            lambda x: np.asarray(x[0, ...]), {"state": inputs["state"], "actions": actions}
+        )
+        t = lap("wait_and_host_copy", t)
+        op._output_transform(outputs)
+        lap("output_transforms", t)
+    return {k: pct(v, 50) for k, v in steps.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50, help="timed batch-1 calls")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--batch-iters", type=int, default=20)
     ap.add_argument("--num-steps", type=int, default=10)
-    ap.add_argument("--skip-openpi-check", action="store_true", help="only part 1")
+    ap.add_argument(
+        "--parts",
+        default="batches,slots,openpi",
+        help="after the batch-1 timing: batches, slots, openpi (comma list)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "results/pi0"), help="folder for pi0_timing.json")
     args = ap.parse_args()
     sizes = [int(x) for x in args.batches.split(",") if x]
@@ -201,13 +246,14 @@ def main() -> int:
         f"wall p50 {b1['wall_ms']['p50']} p95 {b1['wall_ms']['p95']}"
     )
     save()
-    result["batches"] = time_batches(policy, obs_list, sizes, args.batch_iters)
+    parts = set(args.parts.split(","))
+    result["batches"] = time_batches(policy, obs_list, sizes, args.batch_iters) if "batches" in parts else {}
     save()
-    if args.skip_openpi_check:
-        return 0
 
     # 2. three image slots (the checkpoint path's layout), same weights
     try:
+        if "slots" not in parts:
+            raise _Skipped
         import jax
 
         p3 = RandomWeightsPi0Policy(num_steps=args.num_steps, image_slots=3, weights=policy.weights)
@@ -226,6 +272,8 @@ def main() -> int:
             f"[2] 3 slots: compile {t['compile_s']} s, inference_ms p50 {t['batch1']['inference_ms']['p50']}, "
             f"max |1 slot - 3 slots| {t['max_abs_diff_vs_one_slot']:.3g} (max |a| {t['max_abs_action']:.3g})"
         )
+    except _Skipped:
+        pass
     except Exception:  # noqa: BLE001
         result["three_slots_error"] = traceback.format_exc()
         print(result["three_slots_error"])
@@ -233,33 +281,18 @@ def main() -> int:
 
     # 3. openpi's Policy and pi0remote's checkpoint adapter around it
     try:
+        if "openpi" not in parts:
+            raise _Skipped
         import jax
 
         op = openpi_policy_around(policy.weights)
-        adapter = OpenpiPi0Policy(op, extra={"config": "pi0_aloha_sim (random weights)"})
         key = jax.random.key(11)
         op._rng = key
         t0 = time.perf_counter()
         ref = np.asarray(op.infer(OpenpiPi0Policy.to_openpi(obs_list[0]))["actions"], np.float32)
-        first_s = time.perf_counter() - t0
-        op._rng = key
-        got = adapter.infer(obs_list[0])["action"]
-        check: dict[str, Any] = {"first_call_s": round(first_s, 2), "exact": bool(np.array_equal(ref, got))}
-        check["max_abs_diff"] = float(np.max(np.abs(ref - got)))
-        # batch: item i against the i-th of sequential openpi calls
-        op._rng = key
-        seq = [
-            np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32) for o in obs_list[:4]
-        ]
-        op._rng = key
-        t0 = time.perf_counter()
-        bat = [r["action"] for r in adapter.infer_batch(obs_list[:4])]
-        check["batch4_first_call_s"] = round(time.perf_counter() - t0, 2)
-        check["batch4_max_abs_diff_vs_sequential"] = float(
-            max(np.max(np.abs(a - b)) for a, b in zip(seq, bat, strict=True))
-        )
+        check: dict[str, Any] = {"first_call_s": round(time.perf_counter() - t0, 2)}
         check["max_abs_action"] = float(np.max(np.abs(ref)))
-        check["adapter_batch1"] = time_infer(adapter, obs_list, args.n)
+        # openpi's own Policy.infer: wall clock vs its policy_timing.infer_ms
         own_ms, own_wall = [], []
         for i in range(args.n):
             data = OpenpiPi0Policy.to_openpi(obs_list[i % len(obs_list)])
@@ -268,17 +301,47 @@ def main() -> int:
             own_wall.append((time.perf_counter() - t0) * 1000)
             own_ms.append(r["policy_timing"]["infer_ms"])
         check["openpi_policy_infer"] = {"policy_timing_infer_ms": stats(own_ms), "wall_ms": stats(own_wall)}
-        result["openpi_check"] = check
-        ab = check["adapter_batch1"]
-        print(
-            f"[3] adapter == openpi Policy.infer: {check['exact']} (max diff {check['max_abs_diff']:.3g}); "
-            f"batch-4 vs sequential max diff {check['batch4_max_abs_diff_vs_sequential']:.3g}"
-        )
-        print(
-            f"[3] adapter: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
-            f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}"
-        )
         print(f"[3] openpi Policy.infer: wall p50 {pct(own_wall, 50)}, its infer_ms p50 {pct(own_ms, 50)}")
+        check["openpi_steps_ms"] = openpi_breakdown(op, obs_list, args.n)
+        print("[3] openpi Policy.infer steps, p50 ms:", json.dumps(check["openpi_steps_ms"]))
+        for fast in (False, True):
+            name = "adapter_fast_host" if fast else "adapter_openpi_host"
+            adapter = OpenpiPi0Policy(op, extra={"config": "pi0_aloha_sim (random weights)"}, fast_host=fast)
+            op._rng = key
+            got = adapter.infer(obs_list[0])["action"]
+            c: dict[str, Any] = {
+                "exact": bool(np.array_equal(ref, got)),
+                "max_abs_diff": float(np.max(np.abs(ref - got))),
+            }
+            # batch: item i against the i-th of sequential openpi calls
+            op._rng = key
+            seq = [
+                np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32)
+                for o in obs_list[:4]
+            ]
+            op._rng = key
+            t0 = time.perf_counter()
+            bat = [r["action"] for r in adapter.infer_batch(obs_list[:4])]
+            c["batch4_first_call_s"] = round(time.perf_counter() - t0, 2)
+            c["batch4_max_abs_diff_vs_sequential"] = float(
+                max(np.max(np.abs(a - b)) for a, b in zip(seq, bat, strict=True))
+            )
+            c["batch1"] = time_infer(adapter, obs_list, args.n)
+            c["batches"] = time_batches(adapter, obs_list, [4], args.batch_iters)
+            check[name] = c
+            ab = c["batch1"]
+            print(
+                f"[3] {name}: == openpi Policy.infer: {c['exact']} (max diff {c['max_abs_diff']:.3g}); "
+                f"batch-4 vs sequential max diff "
+                f"{c['batch4_max_abs_diff_vs_sequential']:.3g}"
+            )
+            print(
+                f"[3] {name}: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
+                f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}"
+            )
+        result["openpi_check"] = check
+    except _Skipped:
+        pass
     except Exception:  # noqa: BLE001
         result["openpi_check_error"] = traceback.format_exc()
         print(result["openpi_check_error"])

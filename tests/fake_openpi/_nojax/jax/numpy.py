@@ -1,0 +1,3 @@
+"""jax.numpy stand-in: plain numpy."""
+
+from numpy import asarray, concatenate, float32, uint8, zeros  # noqa: F401
