@@ -4,10 +4,11 @@ The pieces, each small enough to read at once:
 
 * :func:`open_policy` turns a mode (``tcp://host:port``, ``local://expert``, or a bare policy name such
   as ``expert``) into a client with ``infer`` / ``metadata`` / ``reset`` / ``close``;
-* :class:`SyncExecutor` is *the* place that decides what happens while a request is in flight: here
-  the simulated world waits for the reply, and the robot clock (``dt`` per step plus the measured round
-  trip per request) records how long a real robot would have stood still. A later real-time or
-  asynchronous executor replaces this one object;
+* the executor decides what happens while a request is in flight. :class:`SyncExecutor`: the
+  simulated world waits for the reply, and the robot clock (``dt`` per step plus the measured round
+  trip per request) records how long a real robot would have stood still. The tick-driven executors of
+  :mod:`.clock` (``--clock realtime``, ``--exec async``) keep simulated time running while a request is
+  in flight, through :class:`pi0remote.broker.ActionChunkBroker`;
 * :func:`run_episode` is the step loop: query, execute ``action_horizon`` steps of the chunk
   (:func:`execute_chunk`), repeat until success or the step limit;
 * :class:`EpisodeMetrics` collects what one episode did; :func:`aggregate` summarises a mode;
@@ -33,6 +34,8 @@ from .stats import mean, percentile, wilson_interval
 DEFAULT_TASK = "AlohaTransferCube-v0"
 DEFAULT_OUT = "results/eval"
 DT = 0.02  # gym-aloha control period (50 Hz)
+ARM_JOINTS = np.array([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12])
+"""Action indices of the twelve arm joints (radians); 6 and 13 are the normalised grippers."""
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -106,6 +109,13 @@ class Reply:
     """The server's policy time, when it reports one."""
 
 
+def reply_timing(raw: dict[str, Any], wall_ms: float) -> tuple[float, float | None]:
+    """(round trip ms as the client saw it, else ``wall_ms``; server inference ms or None)."""
+    rtt = (raw.get("client_timing") or {}).get("round_trip_ms", wall_ms)
+    inference = raw.get("inference_ms", (raw.get("server_timing") or {}).get("inference_ms"))
+    return float(rtt), None if inference is None else float(inference)
+
+
 class SyncExecutor:
     """Blocking execution on simulated time: nothing moves while a request is in flight.
 
@@ -126,12 +136,10 @@ class SyncExecutor:
     def query(self, client: Any, request: dict[str, Any]) -> Reply:
         t0 = time.perf_counter()
         raw = client.infer(request)
-        wall_ms = (time.perf_counter() - t0) * 1000
-        rtt = (raw.get("client_timing") or {}).get("round_trip_ms", wall_ms)
-        inference = raw.get("inference_ms", (raw.get("server_timing") or {}).get("inference_ms"))
-        self.robot_time_s += float(rtt) / 1000
+        rtt, inference = reply_timing(raw, (time.perf_counter() - t0) * 1000)
+        self.robot_time_s += rtt / 1000
         action = np.asarray(raw["action"], dtype=np.float32)
-        return Reply(action, float(rtt), None if inference is None else float(inference))
+        return Reply(action, rtt, inference)
 
     def step(self, env: Any, action: np.ndarray) -> tuple[float, bool, bool]:
         _, reward, terminated, truncated, _ = env.step(action)
@@ -162,6 +170,30 @@ class EpisodeResult:
     """Every call's server-side inference time (when the server reports it)."""
     round_trip_ms: list[float] = field(default_factory=list)
     """Every call's round trip as the client saw it."""
+    executor: str = "sync/blocking"
+    """``clock/strategy`` and, on the realtime clock, the injected latency (or ``measured``)."""
+    stall_fraction: float = 0.0
+    """Share of the time after the first action with no fresh action: ticks holding the last target
+    (realtime clock), or time standing still waiting for replies on the robot clock (sync clock)."""
+    stall_fraction_total: float = 0.0
+    """The same, counting the wait for the first chunk too."""
+    stall_ticks: int = 0
+    startup_ticks: int = 0
+    """Ticks before the first chunk arrived (realtime clock, cold start: the robot holds its reset pose)."""
+    startup_s: float = 0.0
+    """Robot-clock seconds waited at rest for the first chunk before the first tick (warm start)."""
+    effective_rate_hz: float | None = None
+    """Fresh actions per second of robot-clock time (50 Hz when nothing ever waits)."""
+    discontinuity_rad: float | None = None
+    """Largest arm-joint jump between consecutive executed actions (radians)."""
+    boundary_jump_rad: float | None = None
+    """Largest arm-joint jump where execution switched from one chunk to the next."""
+    success_time_s: float | None = None
+    """Robot-clock seconds to success (simulated time, plus waits on the sync clock)."""
+    dropped_actions: int = 0
+    """Actions discarded because their step had passed when the chunk arrived."""
+    delay_ticks: list[int] = field(default_factory=list)
+    """Every arrived call's delay in control ticks (realtime clock)."""
 
 
 @dataclass
@@ -175,19 +207,79 @@ class EpisodeMetrics:
     inference_ms: list[float] = field(default_factory=list)
     round_trip_ms: list[float] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
+    executor: str = "sync/blocking"
+    tick_driven: bool = False
+    sync_clock: bool = True
+    """The world waited for every reply: stalls are waits on the robot clock, not held ticks."""
+    fresh_ticks: int = 0
+    stall_ticks: int = 0
+    startup_ticks: int = 0
+    startup_s: float = 0.0
+    max_jump: float | None = None
+    boundary_jump: float | None = None
+    success_time_s: float | None = None
+    dropped_actions: int = 0
+    delay_ticks: list[int] = field(default_factory=list)
+    _prev: np.ndarray | None = None
+    _prev_chunk: int | None = None
 
-    def record_call(self, reply: Reply) -> None:
+    def record_call(self, reply: Reply, delay_ticks: int | None = None, dropped: int = 0) -> None:
         self.round_trip_ms.append(reply.round_trip_ms)
         if reply.inference_ms is not None:
             self.inference_ms.append(reply.inference_ms)
+        if delay_ticks is not None:
+            self.delay_ticks.append(int(delay_ticks))
+        self.dropped_actions += dropped
 
-    def record_step(self, reward: float, terminated: bool) -> None:
+    def record_step(
+        self, reward: float, terminated: bool, action: np.ndarray | None = None, *, fresh: bool = True,
+        chunk: int | None = None, startup: bool = False, robot_time_s: float | None = None,
+    ) -> None:  # fmt: skip
+        """One environment step. ``action``: the target executed (for the jump metrics); ``fresh``:
+        False when holding; ``chunk``: which reply it came from; ``startup``: no chunk yet."""
         self.steps += 1
         self.max_reward = max(self.max_reward, float(reward))
         if terminated and self.success_step is None:
             self.success_step = self.steps
+            self.success_time_s = robot_time_s if robot_time_s is not None else self.steps * DT
+        if startup:
+            self.startup_ticks += 1
+        elif fresh:
+            self.fresh_ticks += 1
+        else:
+            self.stall_ticks += 1
+        if action is not None:
+            arm = np.asarray(action, dtype=np.float64).reshape(-1)[ARM_JOINTS]
+            if self._prev is not None:
+                jump = float(np.abs(arm - self._prev).max())
+                self.max_jump = jump if self.max_jump is None else max(self.max_jump, jump)
+                if fresh and chunk is not None and self._prev_chunk is not None and chunk != self._prev_chunk:
+                    self.boundary_jump = jump if self.boundary_jump is None else max(self.boundary_jump, jump)
+            self._prev = arm
+            if fresh and not startup:
+                self._prev_chunk = chunk
+
+    def _stalls(self, robot_time_s: float) -> tuple[float, float, float | None]:
+        """(stall fraction after the first action, including the start, fresh actions per second)."""
+        if not self.sync_clock:
+            after = self.steps - self.startup_ticks
+            part = self.stall_ticks / after if after else 0.0
+            waited = (self.stall_ticks + self.startup_ticks) * DT + self.startup_s
+            total = waited / robot_time_s if robot_time_s > 0 else 0.0
+            rate = self.fresh_ticks / robot_time_s if robot_time_s > 0 else None
+            return part, total, rate
+        return self._time_stalls(robot_time_s, [x / 1000 for x in self.round_trip_ms])
+
+    def _time_stalls(self, robot_time_s: float, waits: list[float]) -> tuple[float, float, float | None]:
+        if robot_time_s <= 0:
+            return 0.0, 0.0, None
+        first = waits[0] if waits else 0.0
+        after = robot_time_s - first
+        part = sum(waits[1:]) / after if after > 0 else 0.0
+        return part, sum(waits) / robot_time_s, self.steps / robot_time_s
 
     def result(self, robot_time_s: float) -> EpisodeResult:
+        stall, stall_total, rate = self._stalls(robot_time_s)
         return EpisodeResult(
             mode=self.mode, episode=self.episode, seed=self.seed,
             success=self.success_step is not None, success_step=self.success_step,
@@ -197,6 +289,12 @@ class EpisodeMetrics:
             robot_time_s=robot_time_s, wall_s=time.perf_counter() - self.t0,
             inference_ms=[round(x, 3) for x in self.inference_ms],
             round_trip_ms=[round(x, 3) for x in self.round_trip_ms],
+            executor=self.executor, stall_fraction=stall, stall_fraction_total=stall_total,
+            stall_ticks=self.stall_ticks, startup_ticks=self.startup_ticks, startup_s=self.startup_s,
+            effective_rate_hz=rate,
+            discontinuity_rad=self.max_jump, boundary_jump_rad=self.boundary_jump,
+            success_time_s=self.success_time_s, dropped_actions=self.dropped_actions,
+            delay_ticks=list(self.delay_ticks),
         )  # fmt: skip
 
 
@@ -220,6 +318,23 @@ def aggregate(mode: str, episodes: list[EpisodeResult]) -> dict[str, Any]:
         "round_trip_ms_p95": percentile(rtt, 95),
         "policy_calls_per_episode": mean([e.policy_calls for e in episodes]),
         "wall_s": sum(e.wall_s for e in episodes),
+        "executor": episodes[0].executor if episodes else None,
+        "mean_success_time_s": mean([e.success_time_s for e in episodes if e.success_time_s is not None]),
+        "stall_fraction": mean([e.stall_fraction for e in episodes]),
+        "stall_fraction_max": max((e.stall_fraction for e in episodes), default=None),
+        "stall_fraction_total": mean([e.stall_fraction_total for e in episodes]),
+        "startup_ticks_mean": mean([e.startup_ticks for e in episodes]),
+        "effective_rate_hz": mean([e.effective_rate_hz for e in episodes if e.effective_rate_hz is not None]),
+        "discontinuity_rad_mean": mean(
+            [e.discontinuity_rad for e in episodes if e.discontinuity_rad is not None]
+        ),
+        "discontinuity_rad_max": max(
+            (e.discontinuity_rad for e in episodes if e.discontinuity_rad is not None), default=None
+        ),
+        "boundary_jump_rad_max": max(
+            (e.boundary_jump_rad for e in episodes if e.boundary_jump_rad is not None), default=None
+        ),
+        "delay_ticks_p50": percentile([x for e in episodes for x in e.delay_ticks], 50),
     }
 
 
@@ -236,6 +351,27 @@ class EvalConfig:
     images: bool = True
     """Render the top camera and send ``cam_high`` with every request (π₀ needs it; the expert does not)."""
     out: str = DEFAULT_OUT
+    clock: str = "sync"
+    """``sync``: the simulator waits for every reply; ``realtime``: it keeps going (see :mod:`.clock`)."""
+    strategy: str = "blocking"
+    """``blocking`` or ``async`` (``--exec``)."""
+    latency: str | None = None
+    """Injected latency on the realtime clock (``300ms``, ``300ms±50ms``); None: the measured round trip."""
+    prefetch_at: int | str = "auto"
+    """Async: request when at most this many actions remain (``auto``: recent delay in ticks + 2)."""
+    blend: str = "latest"
+    """Async overlap rule: ``latest`` or ``linear``."""
+    netem: str | None = None
+    """WAN emulation in front of URL modes (:mod:`.netem` spec, e.g. ``delay=150ms,jitter=10ms``)."""
+
+    def executor(self) -> Any:
+        """A fresh executor for this clock and strategy."""
+        from .clock import make_executor
+
+        return make_executor(
+            self.clock, self.strategy, latency=self.latency, action_horizon=self.action_horizon,
+            prefetch_at=self.prefetch_at, blend=self.blend,
+        )  # fmt: skip
 
 
 def make_request(env: Any, step: int, env_state: dict[str, Any] | None, images: bool) -> dict[str, Any]:
@@ -258,9 +394,10 @@ def execute_chunk(
     reply: Reply, max_steps: int, on_step: StepCallback | None = None,
 ) -> bool:  # fmt: skip
     """Execute the given actions; True once the episode is over (success or step limit)."""
+    chunk = len(metrics.round_trip_ms)
     for action in actions:
         reward, terminated, truncated = executor.step(env, action)
-        metrics.record_step(reward, terminated)
+        metrics.record_step(reward, terminated, action, chunk=chunk, robot_time_s=executor.robot_time_s)
         if on_step is not None:
             on_step(env, metrics.steps, reward, reply)
         if terminated or truncated or metrics.steps >= max_steps:
@@ -272,17 +409,37 @@ def run_episode(
     client: Any, env: Any, seed: int, cfg: EvalConfig, *, mode: str = "policy", episode: int = 0,
     executor: SyncExecutor | None = None, on_step: StepCallback | None = None, progress: Any = None,
 ) -> EpisodeResult:  # fmt: skip
-    """One seeded episode: query a chunk, execute ``action_horizon`` steps of it, repeat."""
-    executor = executor or SyncExecutor()
+    """One seeded episode: query a chunk, execute ``action_horizon`` steps of it, repeat.
+
+    ``executor`` defaults to ``cfg.executor()`` (:class:`SyncExecutor` for the default sync clock and
+    blocking strategy); a tick-driven executor (:class:`~.clock.TickExecutor`) runs its own loop.
+    """
+    executor = executor or cfg.executor()
     needs_state = bool(metadata_dict(client).get("needs_env_state", False))
     env.reset(seed=seed)
     env_state = env.env_state() if needs_state else None
     if hasattr(client, "reset"):
         client.reset()
-    executor.start_episode()
-    metrics = EpisodeMetrics(mode=mode, episode=episode, seed=seed)
+    tick_driven = bool(getattr(executor, "tick_driven", False))
+    if tick_driven:
+        executor.start_episode(seed)
+    else:
+        executor.start_episode()
+    metrics = EpisodeMetrics(
+        mode=mode, episode=episode, seed=seed, tick_driven=tick_driven,
+        sync_clock=getattr(executor, "clock", "sync") == "sync",
+        executor=getattr(executor, "name", "sync/blocking"),
+    )  # fmt: skip
+    if metrics.executor == "sync":
+        metrics.executor = "sync/blocking"
     if on_step is not None:
         on_step(env, 0, 0.0, None)  # the initial state, before the first request
+    if tick_driven:
+        executor.run(
+            client, env, metrics, lambda step: make_request(env, step, env_state, cfg.images),
+            cfg.max_steps, on_step, progress,
+        )  # fmt: skip
+        return metrics.result(executor.robot_time_s)
     done = False
     while not done:
         reply = executor.query(client, make_request(env, metrics.steps, env_state, cfg.images))
@@ -314,10 +471,13 @@ def evaluate_mode(
     try:
         check_task(metadata_dict(client), cfg.task, mode)
         results = []
+        executor = cfg.executor()
         for i in range(cfg.episodes):
             seed = cfg.seed + i
             with tqdm(total=cfg.max_steps, desc=f"{mode} ep{i} seed {seed}", unit="step", leave=False) as bar:
-                res = run_episode(client, env, seed, cfg, mode=mode, episode=i, progress=bar)
+                res = run_episode(
+                    client, env, seed, cfg, mode=mode, episode=i, executor=executor, progress=bar
+                )
             tqdm.write(episode_line(res))
             results.append(res)
             if writer is not None:
@@ -331,7 +491,11 @@ def evaluate_mode(
 def episode_line(r: EpisodeResult) -> str:
     outcome = f"success at step {r.success_step}" if r.success else f"fail (max reward {r.max_reward:.0f})"
     rtt = f"{r.round_trip_ms_p50:.1f}" if r.round_trip_ms_p50 is not None else "-"
-    return f"{r.mode}  seed {r.seed}: {outcome}, {r.policy_calls} calls, rtt p50 {rtt} ms, {r.wall_s:.1f} s"
+    extra = ""
+    if r.executor != "sync/blocking":
+        jump = "-" if r.discontinuity_rad is None else f"{r.discontinuity_rad:.3f}"
+        extra = f", {r.executor}: stall {r.stall_fraction:.1%}, max jump {jump} rad"
+    return f"{r.mode}  seed {r.seed}: {outcome}, {r.policy_calls} calls, rtt p50 {rtt} ms{extra}, {r.wall_s:.1f} s"
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -344,15 +508,18 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 def format_table(aggregates: Iterable[dict[str, Any]]) -> str:
     """A Markdown table, readable as plain text."""
     head = (
-        "| mode | success | rate [95% CI] | mean steps | infer p50 ms | rtt p50 ms | rtt p95 ms | calls/ep |"
+        "| mode | success | rate [95% CI] | mean steps | infer p50 ms | rtt p50 ms | rtt p95 ms | calls/ep "
+        "| executor | stall | max jump rad | t success s |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 12]
     for a in aggregates:
         rate = f"{a['success_rate']:.0%} [{a['wilson95_low']:.0%}, {a['wilson95_high']:.0%}]"
         lines.append(
             f"| {a['mode']} | {a['successes']}/{a['episodes']} | {rate} | {_fmt(a['mean_steps_to_success'])} "
             f"| {_fmt(a['inference_ms_p50'], '.2f')} | {_fmt(a['round_trip_ms_p50'], '.2f')} "
-            f"| {_fmt(a['round_trip_ms_p95'], '.2f')} | {_fmt(a['policy_calls_per_episode'])} |"
+            f"| {_fmt(a['round_trip_ms_p95'], '.2f')} | {_fmt(a['policy_calls_per_episode'])} "
+            f"| {a.get('executor') or '-'} | {_fmt(a.get('stall_fraction'), '.1%')} "
+            f"| {_fmt(a.get('discontinuity_rad_max'), '.3f')} | {_fmt(a.get('mean_success_time_s'), '.2f')} |"
         )
     return "\n".join(lines)
 

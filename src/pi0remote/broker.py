@@ -1,0 +1,473 @@
+"""An action-chunk broker: hides a remote policy's latency from a robot's control loop.
+
+A policy such as π₀ answers one observation with a *chunk* of future actions (50 joint targets, one per
+20 ms control tick). A robot that waits for every reply stands still for the whole round trip; a robot
+that keeps moving must decide which actions of a late chunk are still meaningful. The broker does that
+bookkeeping, driven by the robot's own control tick::
+
+    from pi0remote import connect
+    from pi0remote.broker import ActionChunkBroker
+
+    client = connect("tcp://gpu-box:8765")
+    broker = ActionChunkBroker(client, prefetch_at="auto", blend="linear")   # a background thread
+    for step in itertools.count():                       # the 50 Hz control loop
+        target = broker.act(lambda: read_observation(), step, time.monotonic())
+        if target is not None:
+            robot.command(target)                        # None: no chunk yet, keep the current pose
+        sleep_until_next_tick()
+    broker.close()
+
+What one :meth:`ActionChunkBroker.act` call does, at control step ``k`` and time ``now``:
+
+1. **Arrival.** If a reply has arrived, its chunk is placed on the time line by the step its request was
+   made at: ``chunk[i]`` is the target for step ``t + i`` (``t``: the request's step). Actions for steps
+   already past (``< k``) are dropped. At most ``horizon`` actions from step ``k`` on are kept. Where
+   the queue still holds actions of the previous chunk for the same steps (the *overlap*), the two are
+   blended: ``"latest"`` takes the new chunk; ``"linear"`` ramps from old to new across the overlap
+   (weight ``(j + 1) / (m + 1)`` on the new action at the j-th of m overlapping steps).
+2. **Prefetch.** If no request is in flight and at most ``prefetch_at`` actions remain for steps
+   ``>= k``, a request goes out with the current observation, tagged with step ``k``. ``prefetch_at=0``
+   is *blocking* execution (ask only when the queue is empty); ``"auto"`` keeps the threshold at the
+   largest delay seen in the last few replies (in ticks) plus a margin.
+3. **Action.** The queued target for step ``k`` is returned (a *fresh* action). With nothing queued for
+   ``k`` the broker *holds*: it returns the last target again (``last.fresh`` is False, a *stall*), or
+   ``None`` before any chunk has arrived (the robot should keep its current pose).
+
+How requests travel is pluggable (a :class:`Requester`):
+
+* :class:`ThreadRequester` (the default): ``client.infer`` runs on one background thread; a reply is
+  used at the first tick after it arrived. For robot code.
+* :class:`SimulatedLatency`: ``client.infer`` runs at once, and its reply is *released* only when the
+  ``now`` passed to :meth:`~ActionChunkBroker.act` reaches send time + latency (a fixed or random
+  injected delay, or the call's measured round trip). Deterministic: for the evaluation harness and
+  for tests, which drive ``now`` themselves and never sleep.
+
+The broker imports only numpy and the standard library. It is not thread-safe: call it from one loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BLENDS = ("latest", "linear")
+DEFAULT_DT = 0.02
+"""Control period of the ALOHA robots (50 Hz), used to turn delays into ticks for ``prefetch_at="auto"``."""
+
+Observation = dict | Callable[[], dict]
+"""An observation dict, or a zero-argument callable returning one (called only when a request goes out,
+so a robot need not grab camera frames on ticks that send nothing)."""
+
+
+@dataclass
+class Arrival:
+    """One request's story, kept in :attr:`ActionChunkBroker.history`."""
+
+    step: int
+    """Control step the request was made at (``chunk[0]`` is the target for this step)."""
+    sent_at: float
+    """``now`` at the tick the request went out."""
+    reply: dict[str, Any] | None = None
+    """The policy's reply (``action``, ``inference_ms``, ``client_timing`` ...), once it arrived."""
+    arrived_step: int | None = None
+    """Step of the tick at which the chunk was merged into the queue."""
+    arrived_at: float | None = None
+    latency_s: float | None = None
+    """Delay the requester applied (injected) or measured (round trip), in seconds."""
+    dropped: int = 0
+    """Actions of this chunk that were already in the past when it arrived."""
+    overlap: int = 0
+    """Queued actions of the previous chunk that this one blended with or replaced."""
+    kept: int = 0
+    """Actions of this chunk placed in the queue."""
+
+    @property
+    def delay_steps(self) -> int | None:
+        return None if self.arrived_step is None else self.arrived_step - self.step
+
+
+@dataclass
+class Tick:
+    """What the last :meth:`ActionChunkBroker.act` returned."""
+
+    step: int
+    action: np.ndarray | None
+    fresh: bool
+    """True when ``action`` is the queued target for this step; False when holding (or nothing yet)."""
+    requested: bool = False
+    """A request went out on this tick."""
+    arrived: Arrival | None = None
+    """The request whose chunk arrived on this tick, if any."""
+
+
+# ------------------------------------------------------------------------------------------ requesters
+
+
+class Requester:
+    """How a request reaches the policy and when its reply counts as arrived.
+
+    ``submit(obs, arrival)`` starts a request (``arrival`` is the record to fill: ``step``, ``sent_at``
+    are set); ``poll(now)`` returns the pending record once its reply has arrived at time ``now`` (with
+    ``reply`` and ``latency_s`` filled), else None. One request at a time: the broker never submits
+    while ``busy``.
+    """
+
+    busy: bool = False
+
+    def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
+        raise NotImplementedError
+
+    def poll(self, now: float) -> Arrival | None:
+        raise NotImplementedError
+
+    def wait(self) -> tuple[Arrival, float] | None:
+        """Block until the pending reply arrives; return it and its arrival time (None if none pending)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def round_trip_s(reply: dict[str, Any], wall_s: float) -> float:
+    """The client's measured round trip (``client_timing.round_trip_ms``), else the wall time of the call."""
+    timing = reply.get("client_timing") if isinstance(reply, dict) else None
+    if isinstance(timing, dict) and timing.get("round_trip_ms") is not None:
+        return float(timing["round_trip_ms"]) / 1000.0
+    return wall_s
+
+
+class ThreadRequester(Requester):
+    """``client.infer`` on one background thread; the reply counts as arrived once the call returned.
+
+    An exception raised by ``infer`` is re-raised by the :meth:`ActionChunkBroker.act` that collects it.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0remote-broker")
+        self._future: Future | None = None
+        self._pending: Arrival | None = None
+
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
+        return self._pending is not None
+
+    def _call(self, obs: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        t0 = time.perf_counter()
+        reply = self.client.infer(obs)
+        return reply, time.perf_counter() - t0
+
+    def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
+        self._pending = arrival
+        self._future = self._pool.submit(self._call, obs)
+
+    def poll(self, now: float) -> Arrival | None:
+        if self._pending is None or self._future is None or not self._future.done():
+            return None
+        arrival, future = self._pending, self._future
+        self._pending = self._future = None
+        reply, wall = future.result()  # re-raises the call's exception here
+        arrival.reply = reply
+        arrival.latency_s = round_trip_s(reply, wall)
+        return arrival
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the call in flight has returned, without collecting it (True if none is running).
+        For scripts, tests and shutdown, not for control loops."""
+        if self._future is None:
+            return True
+        try:
+            self._future.exception(timeout)
+        except FutureTimeout:
+            return False
+        return True
+
+    def wait(self) -> tuple[Arrival, float] | None:
+        if self._future is None:
+            return None
+        self._future.exception()  # block until done (the exception, if any, surfaces in poll)
+        now = time.monotonic()
+        arrival = self.poll(now)
+        return None if arrival is None else (arrival, now)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+Delay = float | Callable[[], float] | None
+
+
+class SimulatedLatency(Requester):
+    """Deterministic latency on an injected clock: the reply is computed at once, *released* later.
+
+    ``latency``: seconds (a float), a zero-argument callable drawing seconds per request (for jitter;
+    seed it), or None to use each call's measured round trip. A request sent at ``now = s`` arrives at
+    the first ``poll(now)`` with ``now >= s + latency`` (1 ns of slack absorbs float rounding, so on a
+    20 ms tick clock a 300 ms delay is exactly 15 ticks).
+    """
+
+    EPS = 1e-9
+
+    def __init__(self, client: Any, latency: Delay = None) -> None:
+        self.client = client
+        self.latency = latency
+        self._pending: Arrival | None = None
+        self._due: float = 0.0
+
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
+        return self._pending is not None
+
+    def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
+        t0 = time.perf_counter()
+        reply = self.client.infer(obs)
+        measured = round_trip_s(reply, time.perf_counter() - t0)
+        if self.latency is None:
+            delay = measured
+        elif callable(self.latency):
+            delay = float(self.latency())
+        else:
+            delay = float(self.latency)
+        arrival.reply = reply
+        arrival.latency_s = max(0.0, delay)
+        self._pending = arrival
+        self._due = arrival.sent_at + arrival.latency_s
+
+    def poll(self, now: float) -> Arrival | None:
+        if self._pending is None or now + self.EPS < self._due:
+            return None
+        arrival, self._pending = self._pending, None
+        return arrival
+
+    def wait(self) -> tuple[Arrival, float] | None:
+        if self._pending is None:
+            return None
+        due = self._due
+        arrival = self.poll(due)
+        return None if arrival is None else (arrival, due)
+
+
+# ---------------------------------------------------------------------------------------------- broker
+
+
+class ActionChunkBroker:
+    """Turns a chunking policy client into one target per control tick; see the module docstring.
+
+    ``client``: anything with ``infer(obs) -> {"action": array[H, D], ...}`` (a
+    :class:`pi0remote.PolicyClient`, a policy object). Ignored when ``requester`` is given.
+
+    ``prefetch_at``: request the next chunk when at most this many actions remain queued (0: blocking
+    execution; ``"auto"``: the largest delay, in ticks of ``dt``, among the last ``auto_window`` replies,
+    plus ``auto_margin``; before any reply, 0).
+
+    ``horizon``: at most this many actions of a chunk, from the arrival step on, are queued (None: all
+    that are not in the past). Blocking execution of ``action_horizon`` steps per chunk is
+    ``prefetch_at=0, horizon=action_horizon``.
+
+    ``blend``: ``"latest"`` or ``"linear"`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        prefetch_at: int | str = "auto",
+        horizon: int | None = None,
+        blend: str = "latest",
+        requester: Requester | None = None,
+        dt: float = DEFAULT_DT,
+        auto_margin: int = 2,
+        auto_window: int = 5,
+    ) -> None:
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        if prefetch_at != "auto" and (not isinstance(prefetch_at, int) or prefetch_at < 0):
+            raise ValueError(f"prefetch_at must be a non-negative int or 'auto', got {prefetch_at!r}")
+        if horizon is not None and horizon < 1:
+            raise ValueError(f"horizon must be positive, got {horizon}")
+        if requester is None:
+            if client is None:
+                raise ValueError("give a client or a requester")
+            requester = ThreadRequester(client)
+        self.requester = requester
+        self.prefetch_at = prefetch_at
+        self.horizon = horizon
+        self.blend = blend
+        self.dt = dt
+        self.auto_margin = auto_margin
+        self.auto_window = auto_window
+        self.history: list[Arrival] = []
+        """Every request of this episode, in order (the last may still be in flight)."""
+        self.last: Tick | None = None
+        self.stalls = 0
+        """Ticks since the first action that had no fresh action (the robot held its last target)."""
+        self.startup_ticks = 0
+        """Ticks before the first chunk arrived (nothing to execute yet)."""
+        self.fresh_ticks = 0
+        self._queue: deque[tuple[int, np.ndarray]] = deque()
+        self._hold: np.ndarray | None = None
+        self._auto_delays: deque[int] = deque(maxlen=auto_window)
+        self._next_step = 0
+
+    # -- state ----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the queue, the held target and the counters (a new episode). A request still in
+        flight is discarded when it arrives."""
+        self._queue.clear()
+        self._hold = None
+        self.history = []
+        self.last = None
+        self.stalls = self.startup_ticks = self.fresh_ticks = 0
+        self._next_step = 0
+        self._stale = self.requester.busy
+
+    _stale = False
+
+    @property
+    def queued(self) -> list[int]:
+        """Steps that have a queued target, in order."""
+        return [s for s, _ in self._queue]
+
+    def remaining(self, step: int) -> int:
+        """Queued actions for steps ``>= step``."""
+        return sum(1 for s, _ in self._queue if s >= step)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.requester.busy
+
+    def threshold(self) -> int:
+        """The current prefetch threshold, in actions."""
+        if self.prefetch_at != "auto":
+            return int(self.prefetch_at)
+        if not self._auto_delays:
+            return 0
+        return max(self._auto_delays) + self.auto_margin
+
+    # -- the tick -------------------------------------------------------------------------------------
+    def prime(self, obs: Observation, step: int = 0, now: float | None = None) -> float:
+        """Warm start: request the first chunk and block until it is queued, before the control loop
+        starts (the robot waits at rest, so nothing of this chunk is in the past). Returns the time of
+        arrival (``now`` of the simulated requester, ``time.monotonic()`` of the thread one); continue
+        the loop from there with the same ``step``."""
+        now = time.monotonic() if now is None else float(now)
+        if self.requester.busy:
+            raise RuntimeError("prime() needs an idle broker (a request is in flight)")
+        record = Arrival(step=int(step), sent_at=now)
+        self.history.append(record)
+        self.requester.submit(obs() if callable(obs) else obs, record)
+        got = self.requester.wait()
+        assert got is not None
+        arrival, at = got
+        arrival.arrived_step, arrival.arrived_at = int(step), at
+        self._auto_delays.append(delay_steps(arrival.latency_s or 0.0, self.dt))
+        self._merge(arrival, int(step))
+        self._next_step = int(step)
+        return at
+
+    def act(self, obs: Observation, step: int | None = None, now: float | None = None) -> np.ndarray | None:
+        """The target for control step ``step`` at time ``now`` (see the module docstring).
+
+        ``step`` defaults to one more than the previous call's (0 first); ``now`` to
+        ``time.monotonic()``. Returns None only before the first chunk has arrived.
+        """
+        step = self._next_step if step is None else int(step)
+        now = time.monotonic() if now is None else float(now)
+        self._next_step = step + 1
+        arrived = self._collect(step, now)
+        requested = False
+        if not self.requester.busy and self.remaining(step) <= self.threshold():
+            record = Arrival(step=step, sent_at=now)
+            self.history.append(record)
+            self.requester.submit(obs() if callable(obs) else obs, record)
+            requested = True
+            arrived = self._collect(step, now) or arrived  # a zero-delay reply counts on this tick
+        while self._queue and self._queue[0][0] < step:
+            self._queue.popleft()
+        if self._queue and self._queue[0][0] == step:
+            _, action = self._queue.popleft()
+            self._hold = action
+            self.fresh_ticks += 1
+            fresh = True
+        else:
+            action, fresh = self._hold, False
+            if action is None:
+                self.startup_ticks += 1
+            else:
+                self.stalls += 1
+        self.last = Tick(step, action, fresh, requested, arrived)
+        return action
+
+    def _collect(self, step: int, now: float) -> Arrival | None:
+        arrival = self.requester.poll(now)
+        if arrival is None:
+            return None
+        if self._stale:  # sent before reset(): not for this episode
+            self._stale = False
+            return None
+        arrival.arrived_step, arrival.arrived_at = step, now
+        self._auto_delays.append(max(0, step - arrival.step))
+        self._merge(arrival, step)
+        return arrival
+
+    def _merge(self, arrival: Arrival, step: int) -> None:
+        assert arrival.reply is not None
+        chunk = np.asarray(arrival.reply["action"])
+        if chunk.ndim != 2:
+            raise ValueError(f"reply 'action' must be a 2-D chunk, got shape {chunk.shape}")
+        first = max(step - arrival.step, 0)  # chunk[i] is for step arrival.step + i
+        arrival.dropped = min(first, len(chunk))
+        new = chunk[first:]
+        if self.horizon is not None:
+            new = new[: self.horizon]
+        arrival.kept = len(new)
+        if len(new) == 0:  # entirely in the past: keep what is queued
+            return
+        start = arrival.step + first
+        old = {s: a for s, a in self._queue if s >= step}
+        overlap = [start + i for i in range(len(new)) if start + i in old]
+        arrival.overlap = len(overlap)
+        weight = {s: (j + 1) / (len(overlap) + 1) for j, s in enumerate(overlap)}
+        merged = []
+        for i, action in enumerate(new):
+            s = start + i
+            if self.blend == "linear" and s in weight:
+                w = weight[s]
+                action = ((1.0 - w) * old[s] + w * action).astype(chunk.dtype, copy=False)
+            merged.append((s, np.array(action, copy=True)))
+        self._queue = deque(merged)
+
+    # -- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.requester.close()
+
+    def __enter__(self) -> ActionChunkBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def delay_steps(latency_s: float, dt: float = DEFAULT_DT) -> int:
+    """Control steps a delay costs: ``ceil(latency / dt)`` (with the same float slack as the requester)."""
+    return max(0, math.ceil(latency_s / dt - 1e-6))
+
+
+__all__ = [
+    "ActionChunkBroker",
+    "Arrival",
+    "BLENDS",
+    "Requester",
+    "SimulatedLatency",
+    "ThreadRequester",
+    "Tick",
+    "delay_steps",
+]
