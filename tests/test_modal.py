@@ -242,6 +242,9 @@ def test_image_installs_pinned_openpi_and_local_source(modal_app) -> None:
     assert "aioquic" in text and "msgpack" in text and "websockets" in text
     assert "OPENPI_DATA_HOME=/cache/openpi" in text
     assert "pi0remote" in synchronizer._translate_in(modal_app.image)._added_python_source_set
+    # ... and only there: no second, implicit mount of the package
+    svc = synchronizer._translate_in(modal_app.Pi0Server)._class_service_function
+    assert not any("pi0remote" in repr(mount) for mount in svc._spec.mounts)
     # the clone comes before the checkout, which comes before the install
     order = [i for i, c in enumerate(commands) if "git clone" in c or "checkout" in c or "uv sync" in c]
     assert order == sorted(order) and len(order) == 3

@@ -114,7 +114,8 @@ image = base_image.add_local_python_source("pi0remote")
 fetch_image = base_image.pip_install("gsutil").add_local_python_source("pi0remote")
 volume = modal.Volume.from_name(CONFIG.volume_name, create_if_missing=True)
 token_secret = modal.Secret.from_name(CONFIG.secret_name)
-app = modal.App(CONFIG.app_name, image=image)
+# The image already carries pi0remote (add_local_python_source): no second, implicit copy of the package.
+app = modal.App(CONFIG.app_name, image=image, include_source=False)
 
 
 def _supported(fn: Any, options: dict[str, Any]) -> dict[str, Any]:
