@@ -352,6 +352,24 @@ def test_broken_tcp_relay_reconnects_on_next_call(srv) -> None:
         relay.close()
 
 
+def test_server_that_forgot_the_connection_is_detected_and_the_client_reconnects() -> None:
+    """A crashed and restarted server drops the old connection's packets without a word (UDP has no RST)."""
+    with quic_server() as server:
+        with connect(server.url("quic"), quic_fingerprint=pin(server), timeout=10) as client:
+            check(client, 0)
+
+            def forget() -> None:
+                listener = server.server.quic_listener
+                for peer in list(listener.connections):
+                    peer.stop_timer()
+                listener.peers.clear()
+
+            server.call(forget)
+            t0 = time.perf_counter()
+            check(client, 1)  # probe timeouts go unanswered → ConnectionLost inside → one reconnect
+            assert time.perf_counter() - t0 < 3  # well before the 10 s request timeout
+
+
 # -- garbage -----------------------------------------------------------------------------------------
 def test_garbage_does_not_disturb_a_live_client(srv) -> None:
     port = int(srv.url("quic").rsplit(":", 1)[1])

@@ -39,6 +39,8 @@ from .base import AsyncTransport, Transport, _decode_reply
 
 DEFAULT_PORT = 8766
 CLIENT_IDLE_TIMEOUT = 3600.0
+DEAD_AFTER_PROBES = 4
+"""Consecutive QUIC probe timeouts without any acknowledgement after which the connection counts as lost."""
 _TLS_ALERT_BASE = 0x100  # QUIC CRYPTO_ERROR codes: 0x100 + TLS alert
 
 
@@ -133,6 +135,18 @@ class _Session:
                 )
             return ConnectError(f"QUIC handshake with {self.url} failed: {reason}")
         return ConnectionLost(f"QUIC connection to {self.url} closed: {reason}")
+
+    def check_alive(self) -> None:
+        """A peer that acknowledged nothing through several probe timeouts is gone (e.g. restarted).
+
+        UDP has no reset: a restarted server silently drops packets of connections it does not know.
+        Probe timeouts only run while our packets are unacknowledged (never while the server merely
+        computes a slow reply), so this is a liveness signal, not a request timeout.
+        """
+        if self.connected and self.failure is None and self.quic._loss._pto_count >= DEAD_AFTER_PROBES:
+            self._fail(
+                ConnectionLost(f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts")
+            )
 
     def _fail(self, exc: Pi0RemoteError) -> None:
         if self.failure is None:
@@ -374,6 +388,7 @@ class QuicTransport(Transport):
             if timer is not None and timer <= now:
                 quic.handle_timer(now=now)
                 session.handle_events()
+                session.check_alive()
                 continue
             wait = deadline - now
             if wait <= 0:
@@ -435,6 +450,11 @@ class _AsyncDriver(qc.LoopDriver):
 
     def handle_event(self, event: events.QuicEvent) -> None:
         self.session.handle_event(event)
+
+    def _on_timer(self) -> None:
+        super()._on_timer()
+        self.session.check_alive()
+        self.wake()
 
     def after_input(self) -> None:
         super().after_input()
