@@ -728,12 +728,6 @@ def test_resolver_token_from_environment(monkeypatch) -> None:
     assert modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=store)[1] == {}
 
 
-@pytest.mark.xfail(
-    reason="connect() passes token=None explicitly, so the resolver's token (from $PI0REMOTE_TOKEN) cannot apply "
-    "until client._resolve fills options that are None",
-    raises=AuthenticationError,
-    strict=False,
-)
 def test_connect_uses_token_from_environment(monkeypatch) -> None:
     monkeypatch.setenv("PI0REMOTE_TOKEN", TOKEN)
     store: dict[str, Any] = {}

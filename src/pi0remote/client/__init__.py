@@ -65,7 +65,8 @@ def _resolve(url: str | None, policy: Any, kwargs: dict[str, Any]) -> tuple[str,
         url, extra = resolve_modal_url(url, **{k: kwargs[k] for k in ("modal_store",) if k in kwargs})
         kwargs.pop("modal_store", None)
         for key, value in extra.items():
-            kwargs.setdefault(key, value)
+            if kwargs.get(key) is None:  # the caller's explicit options win; None means "not given"
+                kwargs[key] = value
     return url, kwargs
 
 
