@@ -370,6 +370,42 @@ def test_server_that_forgot_the_connection_is_detected_and_the_client_reconnects
             assert time.perf_counter() - t0 < 3  # well before the 10 s request timeout
 
 
+def test_async_client_over_a_breaking_relay_and_lossy_udp(srv) -> None:
+    import asyncio
+
+    from pi0remote import aconnect
+
+    tcp_port = int(srv.url("quic+tcp").rsplit(":", 1)[1])
+    relay = TcpRelay(("127.0.0.1", tcp_port))
+    lossy = LossyUdpRelay(("127.0.0.1", tcp_port), drop=0.07, dup=0.05, reorder=0.07, seed=3)
+
+    async def main() -> None:
+        async with await aconnect(f"quic+tcp://127.0.0.1:{relay.port}", quic_fingerprint=pin(srv)) as client:
+            for seed in range(2):
+                obs = make_obs(seed)
+                np.testing.assert_array_equal(
+                    (await client.infer(obs))["action"], expected_action(obs["state"])
+                )
+                relay.break_all()
+                await asyncio.sleep(0.05)
+        assert relay.accepted == 2
+        url = f"quic://127.0.0.1:{lossy.port}"
+        async with await aconnect(
+            url, quic_fingerprint=pin(srv), quic_max_datagram=16000, timeout=20
+        ) as client:
+            for seed in range(5):
+                obs = make_obs(seed)
+                np.testing.assert_array_equal(
+                    (await client.infer(obs))["action"], expected_action(obs["state"])
+                )
+
+    try:
+        asyncio.run(main())
+    finally:
+        relay.close()
+        lossy.close()
+
+
 # -- garbage -----------------------------------------------------------------------------------------
 def test_garbage_does_not_disturb_a_live_client(srv) -> None:
     port = int(srv.url("quic").rsplit(":", 1)[1])
