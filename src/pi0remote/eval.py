@@ -3,15 +3,21 @@
     python -m pi0remote.eval --policy expert --episodes 10
     python -m pi0remote.eval --policy-url tcp://127.0.0.1:8765 --episodes 10
     python -m pi0remote.eval --policy expert --compare tcp://127.0.0.1:8765 ws://127.0.0.1:8000/ws
+    python -m pi0remote.eval --policy expert --no-images --clock realtime --latency 300ms --exec async
+    python -m pi0remote.eval --policy expert --no-images --sweep-latency 0,100,300 --exec blocking,async
 
 Every mode runs the same seeds (``--seed``, ``--seed + 1``, ...). Results go to a timestamped folder
-under ``--out``: episodes.jsonl, aggregate.json, summary.md and success_rate.png. See docs/eval.md.
+under ``--out``: episodes.jsonl, aggregate.json, summary.md and success_rate.png (plus sweep.json and
+sweep.png for a sweep). See docs/eval.md and docs/latency.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +27,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-images", action="store_true", help="do not render or send cam_high (state-only policies)"
     )
+    add_latency_arguments(p)
     return p
+
+
+def add_latency_arguments(p: argparse.ArgumentParser) -> None:
+    """Clock, execution strategy, latency injection and the latency sweep (docs/latency.md)."""
+    g = p.add_argument_group("latency (docs/latency.md)")
+    g.add_argument(
+        "--clock", choices=("sync", "realtime"), default=None,
+        help="sync: the simulator waits for every reply (default); realtime: it keeps going while a "
+        "request is in flight (default when --latency or --sweep-latency is given)",
+    )  # fmt: skip
+    g.add_argument(
+        "--exec", dest="strategy", default="blocking", metavar="blocking|async",
+        help="blocking: ask, wait, run --action-horizon steps; async: ask ahead (--prefetch-at), blend the "
+        "overlap. A comma list with --sweep-latency",
+    )  # fmt: skip
+    g.add_argument(
+        "--latency", default=None, metavar="300ms[±50ms]",
+        help="inject this round-trip latency on the realtime clock instead of the measured one "
+        "(uniform jitter, seeded per episode)",
+    )  # fmt: skip
+    g.add_argument(
+        "--netem", default=None, metavar="SPEC",
+        help="put the WAN emulator in front of every mode (e.g. delay=150ms,jitter=10ms: each direction); "
+        "a policy name is served by a local server subprocess first. The realtime clock then uses the "
+        "measured round trip",
+    )  # fmt: skip
+    g.add_argument(
+        "--prefetch-at", default="auto", metavar="N|auto",
+        help="async: ask for the next chunk when at most N actions remain (auto: the largest recent delay "
+        "in ticks + 2)",
+    )  # fmt: skip
+    g.add_argument("--blend", choices=("latest", "linear"), default="latest", help="async overlap rule")
+    g.add_argument(
+        "--cold-start", action="store_true",
+        help="realtime: start ticking at once (the robot holds its reset pose until the first chunk) "
+        "instead of waiting at rest for it",
+    )  # fmt: skip
+    g.add_argument(
+        "--sweep-latency", default=None, metavar="MS,MS,...",
+        help="run every --exec strategy at each injected latency (realtime clock); writes sweep.json and "
+        "sweep.png",
+    )  # fmt: skip
 
 
 def add_common_arguments(p: argparse.ArgumentParser, episodes: int) -> None:
@@ -51,18 +100,105 @@ def modes_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return modes
 
 
+def latency_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Check the latency flags; returns EvalConfig fields plus ``strategies`` and ``sweep`` (ms or None)."""
+    from .harness.clock import STRATEGIES, LatencySpec
+    from .harness.sweep import parse_latencies
+
+    strategies = [s.strip() for s in str(args.strategy).split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        parser.error(f"--exec takes {' or '.join(STRATEGIES)} (a comma list with --sweep-latency)")
+    sweep = None
+    if args.sweep_latency is not None:
+        try:
+            sweep = parse_latencies(args.sweep_latency)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.latency is not None or args.netem is not None:
+            parser.error("--sweep-latency injects its own latencies: drop --latency / --netem")
+        if args.clock == "sync":
+            parser.error("--sweep-latency runs on the realtime clock")
+    elif len(strategies) > 1:
+        parser.error("several --exec strategies need --sweep-latency (or run them one at a time)")
+    if args.latency is not None:
+        try:
+            LatencySpec.parse(args.latency)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.clock == "sync":
+            parser.error("--latency needs --clock realtime (the sync clock waits for every reply)")
+        if args.netem is not None:
+            parser.error("give --latency (injected) or --netem (emulated network), not both")
+    prefetch: int | str = args.prefetch_at
+    if prefetch != "auto":
+        try:
+            prefetch = int(prefetch)
+        except ValueError:
+            prefetch = -1
+        if prefetch < 0:
+            parser.error("--prefetch-at takes a non-negative integer or 'auto'")
+    clock = args.clock or ("realtime" if (args.latency is not None or sweep is not None) else "sync")
+    return {
+        "clock": clock, "strategy": strategies[0], "latency": args.latency, "prefetch_at": prefetch,
+        "blend": args.blend, "netem": args.netem, "warm_start": not args.cold_start,
+        "strategies": strategies, "sweep": sweep,
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def netem_clients(modes: list[str], spec: str) -> Iterator[dict[str, Any]]:
+    """A client per mode through the WAN emulator (:class:`pi0remote.harness.netem.NetemGroup`); a policy
+    name (or ``local://NAME``) is first served by a ``pi0remote.serve`` subprocess on loopback TCP."""
+    from . import connect
+    from .harness.netem import NetemGroup
+    from .harness.procs import ServerProcess
+
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+        for mode in modes:
+            if "://" in mode and not mode.startswith("local://"):
+                urls[mode] = mode
+                continue
+            name = mode.removeprefix("local://")
+            server = stack.enter_context(
+                ServerProcess(
+                    ["--policy", name, "--host", "127.0.0.1", "--tcp-port", "0", "--http-port", "0"]
+                )
+            )
+            urls[mode] = server.url("tcp")
+        group = stack.enter_context(NetemGroup(list(urls.values()), spec))
+        clients = {}
+        for mode, url in urls.items():
+            clients[mode] = stack.enter_context(connect(group.url_for(url)))
+            print(f"{mode}: {group.url_for(url)} (netem {group.spec.describe()})")
+        yield clients
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     parser = build_parser()
     args = parser.parse_args(argv)
     modes = modes_from_args(parser, args)
+    opts = latency_options(parser, args)
+    strategies, sweep = opts.pop("strategies"), opts.pop("sweep")
+    if sweep is not None and len(modes) > 1:
+        parser.error("--sweep-latency evaluates one mode (drop --compare)")
     from .harness.eval import EvalConfig, evaluate
 
     cfg = EvalConfig(
         task=args.task, episodes=args.episodes, seed=args.seed, action_horizon=args.action_horizon,
-        max_steps=args.max_steps, images=not args.no_images, out=args.out,
+        max_steps=args.max_steps, images=not args.no_images, out=args.out, **opts,
     )  # fmt: skip
-    evaluate(modes, cfg)
+    if sweep is not None:
+        from .harness.sweep import run_sweep
+
+        run_sweep(modes[0], cfg, sweep, strategies)
+    elif cfg.netem:
+        with netem_clients(modes, cfg.netem) as clients:
+            evaluate(modes, cfg, clients=clients)
+    else:
+        evaluate(modes, cfg)
     return 0
 
 

@@ -363,6 +363,8 @@ class EvalConfig:
     """Async overlap rule: ``latest`` or ``linear``."""
     netem: str | None = None
     """WAN emulation in front of URL modes (:mod:`.netem` spec, e.g. ``delay=150ms,jitter=10ms``)."""
+    warm_start: bool = True
+    """Tick-driven executors: the robot waits at rest for its first chunk before the first tick."""
 
     def executor(self) -> Any:
         """A fresh executor for this clock and strategy."""
@@ -370,7 +372,7 @@ class EvalConfig:
 
         return make_executor(
             self.clock, self.strategy, latency=self.latency, action_horizon=self.action_horizon,
-            prefetch_at=self.prefetch_at, blend=self.blend,
+            prefetch_at=self.prefetch_at, blend=self.blend, warm_start=self.warm_start,
         )  # fmt: skip
 
 
