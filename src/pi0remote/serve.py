@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
-    g.add_argument("--batch-window-ms", type=float, default=0.0)
+    g.add_argument("--batch-window-ms", type=float, default=2.0, help="with --max-batch: wait up to this long for the rest of a wave of active clients")
     g = p.add_argument_group("QUIC TLS")
     g.add_argument("--cert", default=None, help="PEM certificate (default: self-signed, generated at start)")
     g.add_argument("--key", default=None, help="PEM private key for --cert")

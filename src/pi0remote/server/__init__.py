@@ -54,7 +54,7 @@ class PolicyServer:
         idle_timeout: float | None = 300.0,
         # batching
         max_batch: int = 1,
-        batch_window_ms: float = 0.0,
+        batch_window_ms: float = 2.0,
         # QUIC / TLS and debugging
         cert: str | None = None,
         key: str | None = None,

@@ -119,12 +119,17 @@ class ServerCore:
         reply.setdefault("inference_ms", timing["policy_ms"])
         return protocol.encode_result(reply, timing, started, with_kind=with_kind)
 
-    async def infer(self, body: bytes | bytearray | memoryview, *, with_kind: bool = True) -> bytes:
-        """INFER body in, RESULT message out (raises a Pi0RemoteError for the caller to encode)."""
+    async def infer(
+        self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, client: Any = None
+    ) -> bytes:
+        """INFER body in, RESULT message out (raises a Pi0RemoteError for the caller to encode).
+
+        ``client`` identifies the connection for batching (see :class:`PolicyRunner`).
+        """
         started = time.perf_counter()
         obs = self.decode_obs(body)
         decode_ms = (time.perf_counter() - started) * 1000.0
-        result, timing = await self.runner.submit(obs)
+        result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
         return self._reply(result, timing, started, with_kind)
 
@@ -188,7 +193,7 @@ class ServerCore:
             if kind == protocol.RESET:
                 await self.runner.areset()
                 return protocol.encode_message(protocol.RESET_OK, {}), True
-            return await self.infer(body), True
+            return await self.infer(body, client=id(session)), True
         except Exception as exc:
             return self.error_message(exc), True
 

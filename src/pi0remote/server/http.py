@@ -249,7 +249,7 @@ class HttpProtocol(asyncio.Protocol):
     async def _run(self, kind: int, body: bytes, close: bool, request: _Request) -> None:
         try:
             if kind == protocol.INFER:
-                reply = await self.core.infer(body, with_kind=False)
+                reply = await self.core.infer(body, with_kind=False, client=id(self))
             else:
                 await self.core.runner.areset()
                 reply = protocol.codec.packb({})

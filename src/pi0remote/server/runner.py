@@ -5,10 +5,11 @@ the event loop (health checks, metadata and other connections' I/O go on during 
 except for policies that declare ``inline = True`` (microsecond, non-blocking: ``zeros``, ``echo``).
 
 Dynamic batching: with ``max_batch > 1`` every request that is waiting when the policy becomes free is
-run in one ``infer_batch`` call (up to ``max_batch``). A lone client on an idle server is run at once;
-``batch_window_ms`` only applies when other requests are already waiting, to let a straggler of the
-same wave join. When a batch call raises, its requests are retried one by one so that only the bad one
-fails.
+run in one ``infer_batch`` call (up to ``max_batch``). Robots in closed loops send their next request a
+moment after their last reply, so when fewer requests are waiting than clients were recently active,
+the runner waits up to ``batch_window_ms`` for the rest of the wave (and not a moment longer once they
+are all in). A lone client is never delayed: with one active client there is nobody to wait for.
+When a batch call raises, its requests are retried one by one so that only the bad one fails.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+
+ACTIVE_CLIENT_S = 1.0
+"""A client that sent a request within this many seconds counts as active (it will likely send again)."""
 
 
 @dataclass
@@ -41,6 +46,8 @@ class PolicyRunner:
         self._lock = threading.Lock()  # reset() from another thread must not interleave with infer
         self.calls = 0
         self.batches = 0
+        self._last_seen: dict[Any, float] = {}
+        self._arrival: asyncio.Event | None = None
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -86,25 +93,56 @@ class PolicyRunner:
         return self.inline and not self._busy and not self._pending
 
     # -- asyncio path ---------------------------------------------------------------------------
-    async def submit(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
-        """Run ``obs`` through the policy; returns the result (or the policy's exception) and timing."""
+    async def submit(
+        self, obs: dict[str, Any], client: Any = None
+    ) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
+        """Run ``obs`` through the policy; returns the result (or the policy's exception) and timing.
+
+        ``client`` identifies the connection (any hashable); it lets batching know how many robots are active.
+        """
         if self.can_run_now():
             return self.run_sync(obs)
         loop = asyncio.get_running_loop()
         job = _Job(obs, loop.create_future())
+        if self.max_batch > 1:
+            self._last_seen[client if client is not None else id(job)] = job.enqueued
+            if self._arrival is not None:
+                self._arrival.set()
         self._pending.append(job)
         if not self._busy:
             self._busy = True
             loop.create_task(self._drain())
         return await job.future
 
+    def active_clients(self, now: float) -> int:
+        """Clients seen within ``ACTIVE_CLIENT_S`` of ``now`` (forgets the others)."""
+        stale = [k for k, t in self._last_seen.items() if now - t > ACTIVE_CLIENT_S]
+        for key in stale:
+            del self._last_seen[key]
+        return len(self._last_seen)
+
+    async def _gather_wave(self) -> None:
+        """Wait up to the batch window while fewer requests wait than robots are active."""
+        now = time.perf_counter()
+        expected = min(self.max_batch, self.active_clients(now))
+        deadline = now + self.batch_window_s
+        self._arrival = self._arrival or asyncio.Event()
+        while len(self._pending) < expected:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                if self.max_batch > 1 and 0 < len(self._pending) < self.max_batch and self.batch_window_s:
-                    if len(self._pending) > 1:  # a wave is arriving: give its stragglers a moment
-                        await asyncio.sleep(self.batch_window_s)
+                if self.max_batch > 1 and self.batch_window_s:
+                    await self._gather_wave()
                 jobs = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
                 started = time.perf_counter()
                 if len(jobs) == 1:
