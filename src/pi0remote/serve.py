@@ -77,7 +77,13 @@ async def run(args: argparse.Namespace) -> int:
     transports = [t for t in args.transports.split(",") if t]
     if args.quic_port is not None:
         transports += [t for t in ("quic", "quic+tcp") if t not in transports]
-    policy = load_policy(args.policy, **policy_options(args))
+    options = policy_options(args)
+    if args.policy == "pi0":
+        options["max_batch"] = args.max_batch  # warm-up compiles every batch size it will see
+    elif options:
+        print(f"pi0remote.serve: ignoring π₀ options {sorted(options)} for --policy {args.policy}", file=sys.stderr)
+        options = {}
+    policy = load_policy(args.policy, **options)
     quic_options = {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {}
     server = PolicyServer(
         policy,
