@@ -4,6 +4,7 @@
 #   benchmarks/pi0_device.sh [serve] [BENCH_ARGS...]  serve --policy pi0 --random-weights on loopback and run
 #                                                      python -m pi0remote.bench over tcp and ws (extra args go to it)
 #   benchmarks/pi0_device.sh model [ARGS...]           time the policy object alone (benchmarks/pi0_model_timing.py)
+#   SERVE_ARGS="--max-batch 8" benchmarks/pi0_device.sh serve --clients 8 --transport tcp   dynamic batching
 #
 # Needs, next to the checkout (both git-ignored): .openpi_src/ holding openpi's src/openpi and openpi_client at the
 # commit pinned in docs/pi0.md, and .whl/ holding the pure-Python wheels that machine lacks (jaxtyping==0.2.36,
@@ -30,7 +31,9 @@ fi
 # --- serve + bench -------------------------------------------------------------------------------------------
 [ "${1:-}" = serve ] && shift
 LOG="$OUT/serve.log"
-$PY -m pi0remote.serve --policy pi0 --random-weights --host 127.0.0.1 --http-port 0 --tcp-port 0 >"$LOG" 2>&1 &
+# SERVE_ARGS adds server flags, e.g. SERVE_ARGS="--max-batch 8" with bench args "--clients 8 --transport tcp".
+# shellcheck disable=SC2086
+$PY -m pi0remote.serve --policy pi0 --random-weights --host 127.0.0.1 --http-port 0 --tcp-port 0 ${SERVE_ARGS:-} >"$LOG" 2>&1 &
 SERVER=$!
 stop() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; }
 trap stop EXIT
