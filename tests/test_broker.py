@@ -205,3 +205,27 @@ def test_thread_prime_blocks_until_the_first_chunk():
     with ActionChunkBroker(policy, prefetch_at=5) as broker:
         broker.prime({"step": 0})
         assert broker.remaining(0) == 50 and broker.act({"step": 0}, 0)[0] == 0.0
+
+
+def test_pipelined_requests_hide_a_delay_longer_than_half_a_chunk():
+    # 30 ticks of delay: one request at a time runs dry; three in flight keep every tick fresh
+    single = sim_broker(StepPolicy(), 0.6, prefetch_at=32)
+    single.prime({"step": 0}, 0, 0.0)
+    drive(single, 200)
+    assert single.stalls > 0
+    piped = sim_broker(StepPolicy(), 0.6, prefetch_at=32, max_in_flight=3)
+    piped.prime({"step": 0}, 0, 0.0)
+    ticks = drive(piped, 200)
+    assert [v for _, v, _, _ in ticks] == list(range(200)) and piped.stalls == 0
+    assert [k for k, _, _, r in ticks if r][:4] == [18, 36, 54, 72]  # in flight, a request covers t..t+49
+
+
+def test_a_reply_overtaken_by_a_newer_one_is_discarded():
+    delays = iter([0.0, 0.6, 0.1, 0.1, 0.1])
+    broker = sim_broker(StepPolicy(offset=1000.0), lambda: next(delays), prefetch_at=32, max_in_flight=2)
+    broker.prime({"step": 0}, 0, 0.0)
+    ticks = dict((k, v) for k, v, _, _ in drive(broker, 50))
+    slow, fast = broker.history[1:3]
+    assert (slow.step, fast.step) == (18, 36)
+    assert fast.arrived_step == 41 and slow.arrived_step == 48 and slow.superseded and slow.kept == 0
+    assert ticks[40] == 40 and ticks[41] == 41 + 2000 and ticks[48] == 48 + 2000  # the third call's chunk

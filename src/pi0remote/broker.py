@@ -25,9 +25,10 @@ What one :meth:`ActionChunkBroker.act` call does, at control step ``k`` and time
    the queue still holds actions of the previous chunk for the same steps (the *overlap*), the two are
    blended: ``"latest"`` takes the new chunk; ``"linear"`` ramps from old to new across the overlap
    (weight ``(j + 1) / (m + 1)`` on the new action at the j-th of m overlapping steps).
-2. **Prefetch.** If no request is in flight and at most ``prefetch_at`` actions remain for steps
-   ``>= k``, a request goes out with the current observation, tagged with step ``k``. ``prefetch_at=0``
-   is *blocking* execution (ask only when the queue is empty); ``"auto"`` keeps the threshold at the
+2. **Prefetch.** If fewer than ``max_in_flight`` requests are in flight (one by default) and at most
+   ``prefetch_at`` steps from ``k`` on are covered (queued, or expected from a request in flight), a
+   request goes out with the current observation, tagged with step ``k``. ``prefetch_at=0`` is
+   *blocking* execution (ask only when the queue is empty); ``"auto"`` keeps the threshold at the
    largest delay seen in the last few replies (in ticks) plus a margin.
 3. **Action.** The queued target for step ``k`` is returned (a *fresh* action). With nothing queued for
    ``k`` the broker *holds*: it returns the last target again (``last.fresh`` is False, a *stall*), or
@@ -53,7 +54,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ Observation = dict | Callable[[], dict]
 so a robot need not grab camera frames on ticks that send nothing)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Arrival:
     """One request's story, kept in :attr:`ActionChunkBroker.history`."""
 
@@ -88,6 +89,8 @@ class Arrival:
     """Queued actions of the previous chunk that this one blended with or replaced."""
     kept: int = 0
     """Actions of this chunk placed in the queue."""
+    superseded: bool = False
+    """Arrived after the chunk of a newer request and was discarded."""
 
     @property
     def delay_steps(self) -> int | None:
@@ -104,8 +107,8 @@ class Tick:
     """True when ``action`` is the queued target for this step; False when holding (or nothing yet)."""
     requested: bool = False
     """A request went out on this tick."""
-    arrived: Arrival | None = None
-    """The request whose chunk arrived on this tick, if any."""
+    arrived: list[Arrival] = field(default_factory=list)
+    """The requests whose chunks arrived on this tick (usually none or one)."""
 
 
 # ------------------------------------------------------------------------------------------ requesters
@@ -114,22 +117,25 @@ class Tick:
 class Requester:
     """How a request reaches the policy and when its reply counts as arrived.
 
-    ``submit(obs, arrival)`` starts a request (``arrival`` is the record to fill: ``step``, ``sent_at``
-    are set); ``poll(now)`` returns the pending record once its reply has arrived at time ``now`` (with
-    ``reply`` and ``latency_s`` filled), else None. One request at a time: the broker never submits
-    while ``busy``.
+    ``submit(obs, arrival)`` starts a request (``arrival`` is the record to fill: ``step`` and
+    ``sent_at`` are set); ``poll(now)`` returns the records whose replies have arrived by time ``now``
+    (with ``reply`` and ``latency_s`` filled), in order of arrival; ``in_flight`` counts the others.
     """
 
-    busy: bool = False
+    in_flight: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
 
     def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
         raise NotImplementedError
 
-    def poll(self, now: float) -> Arrival | None:
+    def poll(self, now: float) -> list[Arrival]:
         raise NotImplementedError
 
     def wait(self) -> tuple[Arrival, float] | None:
-        """Block until the pending reply arrives; return it and its arrival time (None if none pending)."""
+        """Block until the oldest pending reply arrives; return it and its arrival time (None if none)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -145,20 +151,21 @@ def round_trip_s(reply: dict[str, Any], wall_s: float) -> float:
 
 
 class ThreadRequester(Requester):
-    """``client.infer`` on one background thread; the reply counts as arrived once the call returned.
+    """``client.infer`` on background threads (``workers``: at most that many calls at once); a reply
+    counts as arrived once its call returned.
 
     An exception raised by ``infer`` is re-raised by the :meth:`ActionChunkBroker.act` that collects it.
+    Several workers share one client: use a client that allows concurrent calls, or one worker.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, workers: int = 1) -> None:
         self.client = client
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0remote-broker")
-        self._future: Future | None = None
-        self._pending: Arrival | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pi0remote-broker")
+        self._pending: list[tuple[Arrival, Future]] = []
 
     @property
-    def busy(self) -> bool:  # type: ignore[override]
-        return self._pending is not None
+    def in_flight(self) -> int:  # type: ignore[override]
+        return len(self._pending)
 
     def _call(self, obs: dict[str, Any]) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -166,37 +173,42 @@ class ThreadRequester(Requester):
         return reply, time.perf_counter() - t0
 
     def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
-        self._pending = arrival
-        self._future = self._pool.submit(self._call, obs)
+        self._pending.append((arrival, self._pool.submit(self._call, obs)))
 
-    def poll(self, now: float) -> Arrival | None:
-        if self._pending is None or self._future is None or not self._future.done():
-            return None
-        arrival, future = self._pending, self._future
-        self._pending = self._future = None
-        reply, wall = future.result()  # re-raises the call's exception here
-        arrival.reply = reply
-        arrival.latency_s = round_trip_s(reply, wall)
-        return arrival
+    def poll(self, now: float) -> list[Arrival]:
+        done = [(a, f) for a, f in self._pending if f.done()]
+        if not done:
+            return []
+        finished = {id(f) for _, f in done}
+        self._pending = [(a, f) for a, f in self._pending if id(f) not in finished]
+        out = []
+        for arrival, future in done:
+            reply, wall = future.result()  # re-raises the call's exception here
+            arrival.reply = reply
+            arrival.latency_s = round_trip_s(reply, wall)
+            out.append(arrival)
+        return out
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until the call in flight has returned, without collecting it (True if none is running).
+        """Block until every call in flight has returned, without collecting them (True if they have).
         For scripts, tests and shutdown, not for control loops."""
-        if self._future is None:
-            return True
-        try:
-            self._future.exception(timeout)
-        except FutureTimeout:
-            return False
+        for _, future in list(self._pending):
+            try:
+                future.exception(timeout)
+            except FutureTimeout:
+                return False
         return True
 
     def wait(self) -> tuple[Arrival, float] | None:
-        if self._future is None:
+        if not self._pending:
             return None
-        self._future.exception()  # block until done (the exception, if any, surfaces in poll)
+        arrival, future = self._pending[0]
+        future.exception()  # block until done (the exception, if any, surfaces in poll)
         now = time.monotonic()
-        arrival = self.poll(now)
-        return None if arrival is None else (arrival, now)
+        for got in self.poll(now):
+            if got is arrival:
+                return arrival, now
+        return None  # pragma: no cover - poll always returns a finished future
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -219,12 +231,12 @@ class SimulatedLatency(Requester):
     def __init__(self, client: Any, latency: Delay = None) -> None:
         self.client = client
         self.latency = latency
-        self._pending: Arrival | None = None
-        self._due: float = 0.0
+        self._pending: list[tuple[float, int, Arrival]] = []
+        self._count = 0
 
     @property
-    def busy(self) -> bool:  # type: ignore[override]
-        return self._pending is not None
+    def in_flight(self) -> int:  # type: ignore[override]
+        return len(self._pending)
 
     def submit(self, obs: dict[str, Any], arrival: Arrival) -> None:
         t0 = time.perf_counter()
@@ -238,21 +250,21 @@ class SimulatedLatency(Requester):
             delay = float(self.latency)
         arrival.reply = reply
         arrival.latency_s = max(0.0, delay)
-        self._pending = arrival
-        self._due = arrival.sent_at + arrival.latency_s
+        self._count += 1
+        self._pending.append((arrival.sent_at + arrival.latency_s, self._count, arrival))
+        self._pending.sort(key=lambda x: (x[0], x[1]))
 
-    def poll(self, now: float) -> Arrival | None:
-        if self._pending is None or now + self.EPS < self._due:
-            return None
-        arrival, self._pending = self._pending, None
-        return arrival
+    def poll(self, now: float) -> list[Arrival]:
+        out = []
+        while self._pending and now + self.EPS >= self._pending[0][0]:
+            out.append(self._pending.pop(0)[2])
+        return out
 
     def wait(self) -> tuple[Arrival, float] | None:
-        if self._pending is None:
+        if not self._pending:
             return None
-        due = self._due
-        arrival = self.poll(due)
-        return None if arrival is None else (arrival, due)
+        due, _, arrival = self._pending.pop(0)
+        return arrival, due
 
 
 # ---------------------------------------------------------------------------------------------- broker
@@ -264,15 +276,22 @@ class ActionChunkBroker:
     ``client``: anything with ``infer(obs) -> {"action": array[H, D], ...}`` (a
     :class:`pi0remote.PolicyClient`, a policy object). Ignored when ``requester`` is given.
 
-    ``prefetch_at``: request the next chunk when at most this many actions remain queued (0: blocking
-    execution; ``"auto"``: the largest delay, in ticks of ``dt``, among the last ``auto_window`` replies,
-    plus ``auto_margin``; before any reply, 0).
+    ``prefetch_at``: request the next chunk when at most this many actions are *covered* from the current
+    step on: queued, or expected from requests in flight (a request sent at step ``t`` covers up to
+    ``t + H - 1``, ``H`` the last chunk's length). 0 is blocking execution; ``"auto"`` is the largest
+    delay, in ticks of ``dt``, among the last ``auto_window`` replies, plus ``auto_margin`` (0 before any
+    reply).
+
+    ``max_in_flight``: requests allowed in flight at once (1: one at a time). With one request at a
+    time, a delay of ``d`` ticks can be hidden only while a chunk outlasts it twice (``d <= H / 2``);
+    pipelining requests hides longer delays when the delay is in the network, not in the server.
 
     ``horizon``: at most this many actions of a chunk, from the arrival step on, are queued (None: all
     that are not in the past). Blocking execution of ``action_horizon`` steps per chunk is
     ``prefetch_at=0, horizon=action_horizon``.
 
-    ``blend``: ``"latest"`` or ``"linear"`` (see the module docstring).
+    ``blend``: ``"latest"`` or ``"linear"`` (see the module docstring). A chunk from an *older* request
+    than one already merged (replies overtaking each other) is discarded (``Arrival.superseded``).
     """
 
     def __init__(
@@ -282,6 +301,7 @@ class ActionChunkBroker:
         prefetch_at: int | str = "auto",
         horizon: int | None = None,
         blend: str = "latest",
+        max_in_flight: int = 1,
         requester: Requester | None = None,
         dt: float = DEFAULT_DT,
         auto_margin: int = 2,
@@ -293,19 +313,22 @@ class ActionChunkBroker:
             raise ValueError(f"prefetch_at must be a non-negative int or 'auto', got {prefetch_at!r}")
         if horizon is not None and horizon < 1:
             raise ValueError(f"horizon must be positive, got {horizon}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
         if requester is None:
             if client is None:
                 raise ValueError("give a client or a requester")
-            requester = ThreadRequester(client)
+            requester = ThreadRequester(client, workers=max_in_flight)
         self.requester = requester
         self.prefetch_at = prefetch_at
         self.horizon = horizon
         self.blend = blend
+        self.max_in_flight = max_in_flight
         self.dt = dt
         self.auto_margin = auto_margin
         self.auto_window = auto_window
         self.history: list[Arrival] = []
-        """Every request of this episode, in order (the last may still be in flight)."""
+        """Every request of this episode, in order (the last ones may still be in flight)."""
         self.last: Tick | None = None
         self.stalls = 0
         """Ticks since the first action that had no fresh action (the robot held its last target)."""
@@ -316,20 +339,24 @@ class ActionChunkBroker:
         self._hold: np.ndarray | None = None
         self._auto_delays: deque[int] = deque(maxlen=auto_window)
         self._next_step = 0
+        self._flying: list[Arrival] = []
+        self._stale: set[int] = set()
+        self._merged_step = -1
+        self._chunk_len = 1
 
     # -- state ----------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the queue, the held target and the counters (a new episode). A request still in
-        flight is discarded when it arrives."""
+        """Forget the queue, the held target and the counters (a new episode). Requests still in
+        flight are discarded when they arrive."""
+        self._stale |= {id(a) for a in self._flying}
+        self._flying = []
         self._queue.clear()
         self._hold = None
         self.history = []
         self.last = None
         self.stalls = self.startup_ticks = self.fresh_ticks = 0
         self._next_step = 0
-        self._stale = self.requester.busy
-
-    _stale = False
+        self._merged_step = -1
 
     @property
     def queued(self) -> list[int]:
@@ -340,9 +367,18 @@ class ActionChunkBroker:
         """Queued actions for steps ``>= step``."""
         return sum(1 for s, _ in self._queue if s >= step)
 
+    def covered(self, step: int) -> int:
+        """Steps from ``step`` on that are queued or expected from the requests in flight."""
+        end = max((s for s, _ in self._queue), default=step - 1)
+        span = self._chunk_len if self.horizon is None else min(self._chunk_len, self.horizon)
+        for a in self._flying:
+            end = max(end, a.step + span - 1)
+        return max(0, end - step + 1)
+
     @property
-    def in_flight(self) -> bool:
-        return self.requester.busy
+    def in_flight(self) -> int:
+        """Requests of this episode in flight."""
+        return len(self._flying)
 
     def threshold(self) -> int:
         """The current prefetch threshold, in actions."""
@@ -384,12 +420,13 @@ class ActionChunkBroker:
         self._next_step = step + 1
         arrived = self._collect(step, now)
         requested = False
-        if not self.requester.busy and self.remaining(step) <= self.threshold():
+        if self.requester.in_flight < self.max_in_flight and self.covered(step) <= self.threshold():
             record = Arrival(step=step, sent_at=now)
             self.history.append(record)
+            self._flying.append(record)
             self.requester.submit(obs() if callable(obs) else obs, record)
             requested = True
-            arrived = self._collect(step, now) or arrived  # a zero-delay reply counts on this tick
+            arrived += self._collect(step, now)  # a zero-delay reply counts on this tick
         while self._queue and self._queue[0][0] < step:
             self._queue.popleft()
         if self._queue and self._queue[0][0] == step:
@@ -406,23 +443,30 @@ class ActionChunkBroker:
         self.last = Tick(step, action, fresh, requested, arrived)
         return action
 
-    def _collect(self, step: int, now: float) -> Arrival | None:
-        arrival = self.requester.poll(now)
-        if arrival is None:
-            return None
-        if self._stale:  # sent before reset(): not for this episode
-            self._stale = False
-            return None
-        arrival.arrived_step, arrival.arrived_at = step, now
-        self._auto_delays.append(max(0, step - arrival.step))
-        self._merge(arrival, step)
-        return arrival
+    def _collect(self, step: int, now: float) -> list[Arrival]:
+        merged = []
+        for arrival in self.requester.poll(now):
+            if id(arrival) in self._stale:  # sent before reset(): not for this episode
+                self._stale.discard(id(arrival))
+                continue
+            if arrival in self._flying:
+                self._flying.remove(arrival)
+            arrival.arrived_step, arrival.arrived_at = step, now
+            self._auto_delays.append(max(0, step - arrival.step))
+            if arrival.step < self._merged_step:  # overtaken by a newer request's chunk
+                arrival.superseded = True
+            else:
+                self._merge(arrival, step)
+            merged.append(arrival)
+        return merged
 
     def _merge(self, arrival: Arrival, step: int) -> None:
         assert arrival.reply is not None
         chunk = np.asarray(arrival.reply["action"])
         if chunk.ndim != 2:
             raise ValueError(f"reply 'action' must be a 2-D chunk, got shape {chunk.shape}")
+        self._chunk_len = len(chunk)
+        self._merged_step = max(self._merged_step, arrival.step)
         first = max(step - arrival.step, 0)  # chunk[i] is for step arrival.step + i
         arrival.dropped = min(first, len(chunk))
         new = chunk[first:]

@@ -62,6 +62,10 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--blend", choices=("latest", "linear"), default="latest", help="async overlap rule")
     g.add_argument(
+        "--max-in-flight", type=int, default=1, metavar="N",
+        help="async: requests in flight at once (default 1; more pipelines requests over a slow link)",
+    )  # fmt: skip
+    g.add_argument(
         "--cold-start", action="store_true",
         help="realtime: start ticking at once (the robot holds its reset pose until the first chunk) "
         "instead of waiting at rest for it",
@@ -130,6 +134,8 @@ def latency_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error("--latency needs --clock realtime (the sync clock waits for every reply)")
         if args.netem is not None:
             parser.error("give --latency (injected) or --netem (emulated network), not both")
+    if args.max_in_flight < 1:
+        parser.error("--max-in-flight must be positive")
     prefetch: int | str = args.prefetch_at
     if prefetch != "auto":
         try:
@@ -142,6 +148,7 @@ def latency_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return {
         "clock": clock, "strategy": strategies[0], "latency": args.latency, "prefetch_at": prefetch,
         "blend": args.blend, "netem": args.netem, "warm_start": not args.cold_start,
+        "max_in_flight": args.max_in_flight,
         "strategies": strategies, "sweep": sweep,
     }  # fmt: skip
 

@@ -16,7 +16,8 @@ uses:
 * ``strategy="blocking"``: ask when the queue is empty, execute ``action_horizon`` steps of the reply
   (counted from its arrival: actions for ticks that passed while waiting are dropped), ask again.
 * ``strategy="async"``: ask when at most ``prefetch_at`` actions remain (``"auto"``: the largest recent
-  delay in ticks + 2), keep the whole chunk, blend the overlap (``"latest"`` or ``"linear"``).
+  delay in ticks + 2), keep the whole chunk, blend the overlap (``"latest"`` or ``"linear"``); with
+  ``max_in_flight > 1`` requests are pipelined (a request covers its step + 49 while in flight).
 
 Alignment is by step index: the request made at tick ``t`` carries ``step = t`` (the privileged expert
 answers with its plan from step ``t`` on), so the action executed at tick ``k`` is ``chunk[k - t]``.
@@ -102,6 +103,7 @@ class TickExecutor:
         prefetch_at: int | str = "auto",
         blend: str = "latest",
         warm_start: bool = True,
+        max_in_flight: int = 1,
         dt: float = DT,
     ) -> None:
         if strategy not in STRATEGIES:
@@ -111,7 +113,7 @@ class TickExecutor:
         self.strategy, self.clock, self.dt = strategy, clock, dt
         self.latency = None if latency is None else LatencySpec.parse(latency)
         self.action_horizon, self.prefetch_at, self.blend = action_horizon, prefetch_at, blend
-        self.warm_start = warm_start
+        self.warm_start, self.max_in_flight = warm_start, max_in_flight
         self.robot_time_s = 0.0
         self.seed = 0
         self.broker: ActionChunkBroker | None = None
@@ -137,6 +139,7 @@ class TickExecutor:
             prefetch, horizon = self.prefetch_at, None
         return ActionChunkBroker(
             prefetch_at=prefetch, horizon=horizon, blend=self.blend, dt=self.dt,
+            max_in_flight=self.max_in_flight if self.strategy == "async" else 1,
             requester=SimulatedLatency(client, delay),
         )  # fmt: skip
 
@@ -175,9 +178,9 @@ class TickExecutor:
             if tick.requested and self.clock == "sync":
                 sent = broker.history[-1]  # answered at once on this clock: the world waited for it
                 self.robot_time_s += reply_timing(sent.reply or {}, 0.0)[0] / 1000
-            if tick.arrived is not None:
+            for arrival in tick.arrived:
                 calls += 1
-                reply = record(tick.arrived)
+                reply = record(arrival)
             startup = action is None
             if startup:
                 action = start_pose
@@ -198,7 +201,7 @@ class TickExecutor:
 def make_executor(
     clock: str = "sync", strategy: str = "blocking", *, latency: LatencySpec | str | None = None,
     action_horizon: int = 10, prefetch_at: int | str = "auto", blend: str = "latest",
-    warm_start: bool = True, dt: float = DT,
+    warm_start: bool = True, max_in_flight: int = 1, dt: float = DT,
 ) -> Any:  # fmt: skip
     """The executor for a clock and strategy: :class:`~.eval.SyncExecutor` for sync/blocking (the
     reference behaviour), a :class:`TickExecutor` otherwise."""
@@ -212,7 +215,7 @@ def make_executor(
         raise ValueError("--latency needs --clock realtime (the sync clock waits for every reply)")
     return TickExecutor(
         strategy, clock=clock, latency=latency, action_horizon=action_horizon,
-        prefetch_at=prefetch_at, blend=blend, warm_start=warm_start, dt=dt,
+        prefetch_at=prefetch_at, blend=blend, warm_start=warm_start, max_in_flight=max_in_flight, dt=dt,
     )  # fmt: skip
 
 

@@ -365,6 +365,8 @@ class EvalConfig:
     """WAN emulation in front of URL modes (:mod:`.netem` spec, e.g. ``delay=150ms,jitter=10ms``)."""
     warm_start: bool = True
     """Tick-driven executors: the robot waits at rest for its first chunk before the first tick."""
+    max_in_flight: int = 1
+    """Async: requests allowed in flight at once (pipelining)."""
 
     def executor(self) -> Any:
         """A fresh executor for this clock and strategy."""
@@ -373,6 +375,7 @@ class EvalConfig:
         return make_executor(
             self.clock, self.strategy, latency=self.latency, action_horizon=self.action_horizon,
             prefetch_at=self.prefetch_at, blend=self.blend, warm_start=self.warm_start,
+            max_in_flight=self.max_in_flight,
         )  # fmt: skip
 
 

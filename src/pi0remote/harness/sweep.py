@@ -91,6 +91,8 @@ def run_sweep(
         "action_horizon": cfg.action_horizon,
         "prefetch_at": cfg.prefetch_at,
         "blend": cfg.blend,
+        "max_in_flight": cfg.max_in_flight,
+        "warm_start": cfg.warm_start,
         "dt_s": 0.02,
         "points": points,
     }
@@ -161,7 +163,8 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
     axes[0, 0].legend(loc="lower left")
     fig.suptitle(
         f"{doc['mode']} on {doc['task']}: {doc['episodes']} seeds per point, realtime clock "
-        f"(prefetch_at={doc['prefetch_at']}, blend={doc['blend']}, blocking horizon {doc['action_horizon']})",
+        f"(async: prefetch_at={doc['prefetch_at']}, blend={doc['blend']}, max_in_flight="
+        f"{doc.get('max_in_flight', 1)}; blocking: {doc['action_horizon']} steps per chunk)",
         fontsize=10,
     )
     fig.tight_layout()
