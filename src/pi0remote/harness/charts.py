@@ -43,7 +43,7 @@ def _plain_log(axis: Any) -> None:
     """Log axis ticks at 1-2-5 steps, written as plain numbers (0.2, 5, 50) instead of 5×10¹."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -66,7 +66,10 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
 
     fig = plt.figure(figsize=(16, 13), dpi=110)
     gs = fig.add_gridspec(3, 2, height_ratios=[1.0, 0.9, 1.0], hspace=0.5, wspace=0.22)
-    fig.suptitle(f"pi0remote round-trip latency\n{describe_config(result)}", fontsize=12, fontweight="bold", y=0.995)
+    import textwrap
+
+    subtitle = "\n".join(textwrap.wrap(describe_config(result), 120))
+    fig.suptitle(f"pi0remote round-trip latency\n{subtitle}", fontsize=12, fontweight="bold", y=0.995)
     fig.subplots_adjust(top=0.92)
 
     # 1. waterfall of the median call of the fastest network transport (local if nothing else)
