@@ -1,6 +1,6 @@
 """Dynamic batching: the same simulated GPU served with ``--max-batch 1`` and ``--max-batch 8``, one run.
 
-    python benchmarks/batching.py [--clients 8] [--n 60] [--policy sleep:24+8.9] [--batch-window-ms 0]
+    python benchmarks/batching.py [--clients 8] [--n 60] [--policy sleep:24+8.9] [--batch-window-ms MS]
 
 ``sleep:24+8.9`` models a GPU whose batch of b costs 24 + 8.9·b ms (π₀ on an H200, roughly). N client
 processes call the TCP transport in closed loops. Targets (recorded in docs/benchmarks.md, not a test):
@@ -21,8 +21,9 @@ P95_TARGET = 1.6
 
 def measure(max_batch: int, a: argparse.Namespace) -> dict:
     argv = ["--clients", str(a.clients), "--n", str(a.n), "--warmup", str(a.warmup), "--policy", a.policy,
-            "--transport", a.transport, "--max-batch", str(max_batch), "--batch-window-ms", str(a.batch_window_ms),
-            "--no-progress"]
+            "--transport", a.transport, "--max-batch", str(max_batch), "--no-progress"]
+    if a.batch_window_ms is not None:
+        argv += ["--batch-window-ms", str(a.batch_window_ms)]
     return run_clients(build_parser().parse_args(argv), lambda m: print(m, file=sys.stderr))
 
 
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--policy", default="sleep:24+8.9")
     ap.add_argument("--transport", default="tcp")
-    ap.add_argument("--batch-window-ms", type=float, default=0.0)
+    ap.add_argument("--batch-window-ms", type=float, default=None, help="default: the server's")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     base, per = (float(x) for x in a.policy.split(":", 1)[1].split("+"))
@@ -59,7 +60,8 @@ def main() -> int:
         print(json.dumps(summary, indent=1))
         return 0
     print(f"{a.clients} clients, policy {a.policy} (one batch of {a.clients}: {one_batch_ms:.1f} ms), "
-          f"{a.n} calls per client, transport {a.transport}, batch window {a.batch_window_ms:g} ms")
+          f"{a.n} calls per client, transport {a.transport}, batch window "
+          f"{'server default' if a.batch_window_ms is None else f'{a.batch_window_ms:g} ms'}")
     print(f"{'max batch':>9} {'calls/s':>8} {'mean batch':>10} {'p50 ms':>8} {'p95 ms':>8}   (per-client medians)")
     for mb, r in runs.items():
         print(f"{mb:>9} {r['throughput_calls_per_s']:8.1f} {r['batch_size']['mean']:10.2f} "

@@ -463,7 +463,9 @@ def server_args(args: argparse.Namespace, transports: Sequence[str], openpi: boo
         out += ["--quic-port", "0"]
     if openpi:
         out += ["--openpi-port", "0"]
-    out += ["--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms)]
+    out += ["--max-batch", str(args.max_batch)]
+    if args.batch_window_ms is not None:  # else the server's default
+        out += ["--batch-window-ms", str(args.batch_window_ms)]
     return out
 
 
@@ -874,7 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netem", default=None, help="WAN emulation, e.g. delay=150ms,jitter=10ms,loss=0.1%%,rate=50mbit")
     p.add_argument("--clients", type=int, default=0, help="N concurrent client processes (throughput mode)")
     p.add_argument("--max-batch", type=int, default=1, help="embedded server: dynamic batching up to this size")
-    p.add_argument("--batch-window-ms", type=float, default=0.0, help="embedded server: wait for stragglers")
+    p.add_argument("--batch-window-ms", type=float, default=None,
+                   help="embedded server: wait this long for the rest of a wave (default: the server's)")
     p.add_argument("--out", default=None, help="parent folder of the timestamped results folder (default bench-results)")
     p.add_argument("--json", action="store_true", help="print the result JSON (without per-call samples) instead of the table")
     p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines")
