@@ -16,6 +16,7 @@ from .base import AsyncTransport, Transport
 
 class LocalTransport(Transport):
     scheme = "local"
+    accepts_parts = True  # joining the parts copies the camera once; encode_message would copy it twice
 
     def __init__(
         self, url: str = "local://", *, policy: Any = None, token: str | None = None, **options: Any
@@ -41,9 +42,11 @@ class LocalTransport(Transport):
         self.closed = False
         return codec.unpackb(self.core.metadata_body())
 
-    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
         if self.closed:
             raise ConnectionLost("local transport is closed")
+        if isinstance(message, list):
+            message = b"".join(message)
         reply, _ = self.core.handle_now(message, self.session, blocking=True)  # type: ignore[misc]
         return protocol.split_message(reply)
 
@@ -65,7 +68,9 @@ class AsyncLocalTransport(AsyncTransport):
     async def open(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.sync.open)
 
-    async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    accepts_parts = True
+
+    async def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
         if self.sync.core.runner.inline:
             return self.sync.roundtrip(message)
         return await asyncio.to_thread(self.sync.roundtrip, message)
