@@ -156,6 +156,7 @@ class _Session:
     def send(self, message: bytes) -> None:
         if self.stream_id is None:
             self.stream_id = self.quic.get_next_available_stream_id()
+        qc.ack_with_next_packet(self.quic)
         self.quic.send_stream_data(self.stream_id, protocol.frame_header(len(message)) + message)
 
     def close(self) -> None:

@@ -44,6 +44,8 @@ def _quic_idle(idle_timeout: float | None) -> float:
 class QuicPeer(qc.LoopDriver):
     """One server-side QUIC connection: its pi0remote stream, served in order by a MessageConnection."""
 
+    defer_idle_sends = True
+
     def __init__(
         self,
         quic: QuicConnection,
@@ -75,6 +77,7 @@ class QuicPeer(qc.LoopDriver):
     def _send_reply(self, message: bytes) -> None:
         if self.stream_id is None or self.terminated:
             return
+        qc.ack_with_next_packet(self.quic)
         self.quic.send_stream_data(self.stream_id, protocol.frame_header(len(message)) + message)
         self._last_reply_at = self.loop.time()
         self.transmit()
@@ -114,6 +117,7 @@ class QuicPeer(qc.LoopDriver):
                 self.quic.reset_stream(event.stream_id, APP_ERROR_PROTOCOL)
             except Exception:
                 pass
+            self.transmit()  # (inside event handling: marks output as queued)
             return
         if self.conn.closed:
             return
