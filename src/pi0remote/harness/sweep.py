@@ -106,7 +106,8 @@ def run_sweep(
 def format_sweep(doc: dict[str, Any]) -> str:
     """A compact Markdown table: one row per point."""
     lines = [
-        "| strategy | latency ms | ticks | success [95% CI] | stall | max jump rad | steps to success | t success s |",
+        "| strategy | latency ms | ticks | success [95% CI] | stall | jump rad mean / max | steps to success "
+        "| t success s |",
         "|" + "---|" * 8,
     ]
 
@@ -117,7 +118,8 @@ def format_sweep(doc: dict[str, Any]) -> str:
         rate = f"{p['successes']}/{p['episodes']} [{p['wilson95_low']:.0%}, {p['wilson95_high']:.0%}]"
         lines.append(
             f"| {p['strategy']} | {p['latency_ms']:g} | {p['delay_ticks']} | {rate} "
-            f"| {f(p['stall_fraction'], '.1%')} | {f(p['discontinuity_rad_max'], '.3f')} "
+            f"| {f(p['stall_fraction'], '.1%')} "
+            f"| {f(p['discontinuity_rad_mean'], '.2f')} / {f(p['discontinuity_rad_max'], '.2f')} "
             f"| {f(p['mean_steps_to_success'], '.1f')} | {f(p['mean_success_time_s'], '.2f')} |"
         )
     return "\n".join(lines)
@@ -136,8 +138,8 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
     panels = [
         (axes[0, 0], "success rate (95% Wilson)", "success_rate"),
         (axes[0, 1], "stall fraction (ticks holding)", "stall_fraction"),
-        (axes[1, 0], "largest arm-joint jump (rad)", "discontinuity_rad_max"),
-        (axes[1, 1], "time to success (s, mean over successes)", "mean_success_time_s"),
+        (axes[1, 0], "largest arm-joint jump per episode (rad, mean)", "discontinuity_rad_mean"),
+        (axes[1, 1], "time to success (s, mean over successes, incl. first wait)", "mean_success_time_s"),
     ]
     markers = {"blocking": "s", "async": "o"}
     span = max((p["latency_ms"] for p in doc["points"]), default=0.0) or 1.0
@@ -162,7 +164,7 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("injected round-trip latency (ms)")
     axes[0, 0].legend(loc="lower left")
     fig.suptitle(
-        f"{doc['mode']} on {doc['task']}: {doc['episodes']} seeds per point, realtime clock "
+        f"{doc['mode']} on {doc['task']}: {doc['episodes']} seeds per point, realtime clock\n"
         f"(async: prefetch_at={doc['prefetch_at']}, blend={doc['blend']}, max_in_flight="
         f"{doc.get('max_in_flight', 1)}; blocking: {doc['action_horizon']} steps per chunk)",
         fontsize=10,
