@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aioquic import tls
+from aioquic.quic.recovery import QuicPacketRecovery
 
 from . import protocol
 from .errors import ConnectError
@@ -39,6 +40,8 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 """Socket receive/send buffer asked for on UDP sockets (a 150 KB request is a burst of datagrams)."""
 MAX_FRAMED_DATAGRAM = 65535
 """Largest datagram accepted in a quic+tcp frame (anything bigger is a framing error)."""
+BURST_BYTES = 48000
+"""The sync client sends a request in bursts of about this many bytes (three 16000-byte datagrams)."""
 FLOW_WINDOW = 8 * 1024 * 1024
 """Initial QUIC flow-control windows (aioquic doubles them as they are used)."""
 
@@ -176,6 +179,53 @@ def ack_with_next_packet(quic: Any) -> None:
         return
     if space.ack_at is not None:
         space.ack_at = 0.0
+
+
+# -- sending in bursts ------------------------------------------------------------------------------
+class _BurstRecovery(QuicPacketRecovery):
+    """aioquic's loss recovery, but one packet-building pass may be told to stop after ``burst_bytes``.
+
+    aioquic reads ``congestion_window`` here only to bound one ``datagrams_to_send`` call (the congestion
+    controller keeps its own figure), so lowering it splits a flight into bursts and changes nothing else.
+    """
+
+    burst_bytes: int | None = None
+
+    @property
+    def congestion_window(self) -> int:
+        window = self._cc.congestion_window
+        if self.burst_bytes is not None:
+            return min(window, self._cc.bytes_in_flight + self.burst_bytes)
+        return window
+
+
+def enable_bursts(quic: Any) -> bool:
+    if type(getattr(quic, "_loss", None)) is QuicPacketRecovery:
+        quic._loss.__class__ = _BurstRecovery
+        return True
+    return False
+
+
+def send_in_bursts(
+    quic: Any, now: float, send: Callable[[list[tuple[bytes, Any]]], None], burst: int
+) -> None:
+    """Send what aioquic has ready, each burst of about ``burst`` bytes as soon as it is built (0: all at once).
+
+    A 150 KB request takes the sender ~300 µs of Python to build and the receiver as long to take apart;
+    sending it in bursts lets the receiver start on the first datagrams while the rest are being built.
+    """
+    loss = quic._loss
+    if not burst or not isinstance(loss, _BurstRecovery):
+        datagrams = quic.datagrams_to_send(now=now)
+        if datagrams:
+            send(datagrams)
+        return
+    loss.burst_bytes = max(burst, quic._max_datagram_size)
+    try:
+        while datagrams := quic.datagrams_to_send(now=now):
+            send(datagrams)
+    finally:
+        loss.burst_bytes = None
 
 
 # -- asyncio driver ----------------------------------------------------------------------------------

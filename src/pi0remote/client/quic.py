@@ -75,6 +75,7 @@ class _Session:
         elif cafile:
             config.load_verify_locations(cafile=cafile)
         self.quic = QuicConnection(configuration=config)
+        qc.enable_bursts(self.quic)
         self.decoder = protocol.FrameDecoder(max_message_bytes)
         self.connected = False
         self.failure: Pi0RemoteError | None = None
@@ -320,6 +321,8 @@ class QuicTransport(Transport):
         self.max_message_bytes = max_message_bytes
         self.options = _options(url, kwargs)
         self.scheme = "quic+tcp" if self.options["over_tcp"] else "quic"
+        burst = kwargs.get("quic_burst_bytes")
+        self.burst = qc.BURST_BYTES if burst is None else int(burst)
         self.session: _Session | None = None
         self.link: _UdpLink | _TcpLink | None = None
 
@@ -377,9 +380,7 @@ class QuicTransport(Transport):
         assert session is not None and link is not None
         quic = session.quic
         while True:
-            datagrams = quic.datagrams_to_send(now=time.monotonic())
-            if datagrams:
-                link.send(datagrams)
+            qc.send_in_bursts(quic, time.monotonic(), link.send, self.burst)
             if done():
                 return True
             if session.failure is not None:
