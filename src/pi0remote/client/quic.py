@@ -433,10 +433,13 @@ class QuicTransport(Transport):
     def close(self) -> None:
         session, link = self.session, self.link
         self.session = self.link = None
-        if session is not None and link is not None and session.failure is None:
-            session.close()
-            try:
-                link.send(session.quic.datagrams_to_send(now=time.monotonic()))
+        if session is not None and link is not None:
+            if session.failure is None:
+                session.close()
+            try:  # the CONNECTION_CLOSE (ours, or the one a refused certificate queued)
+                datagrams = session.quic.datagrams_to_send(now=time.monotonic())
+                if datagrams:
+                    link.send(datagrams)
             except Exception:
                 pass
         if link is not None:
@@ -669,8 +672,9 @@ class AsyncQuicTransport(AsyncTransport):
         driver, link = self.driver, self.link
         self.driver = self.link = None
         if driver is not None:
-            if driver.session.failure is None and not driver.terminated:
-                driver.session.close()
+            if not driver.terminated:
+                if driver.session.failure is None:
+                    driver.session.close()
                 driver.transmit()
             driver.stop_timer()
             driver.session._fail(ConnectionLost("closed"))
