@@ -176,14 +176,10 @@ class ThreadRequester(Requester):
         self._pending.append((arrival, self._pool.submit(self._call, obs)))
 
     def poll(self, now: float) -> list[Arrival]:
-        done = [(a, f) for a, f in self._pending if f.done()]
-        if not done:
-            return []
-        finished = {id(f) for _, f in done}
-        self._pending = [(a, f) for a, f in self._pending if id(f) not in finished]
         out = []
-        for arrival, future in done:
-            reply, wall = future.result()  # re-raises the call's exception here
+        for arrival, future in [(a, f) for a, f in self._pending if f.done()]:
+            self._pending = [(a, f) for a, f in self._pending if f is not future]
+            reply, wall = future.result()  # re-raises the call's exception (later replies stay pending)
             arrival.reply = reply
             arrival.latency_s = round_trip_s(reply, wall)
             out.append(arrival)
