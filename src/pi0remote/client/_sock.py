@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -36,6 +37,27 @@ def with_retries(connect: Callable[[], T], what: str, retries: int = DEFAULT_RET
                     f"could not connect to {what} after {retries + 1} attempts: {exc}"
                 ) from exc
             time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+async def async_with_retries(
+    connect: Callable[[], Awaitable[T]],
+    what: str,
+    retries: int = DEFAULT_RETRIES,
+    retry_on: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError),
+) -> T:
+    """Async twin of :func:`with_retries`: await ``connect()`` until it succeeds, bounded and backing off."""
+    delay = 0.1
+    for attempt in range(retries + 1):
+        try:
+            return await connect()
+        except retry_on as exc:
+            if attempt == retries:
+                raise ConnectError(
+                    f"could not connect to {what} after {retries + 1} attempts: {exc}"
+                ) from exc
+            await asyncio.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
 

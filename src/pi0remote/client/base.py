@@ -8,13 +8,14 @@ reconnect after a dropped connection) lives here once, for every transport.
 from __future__ import annotations
 
 import time
-from typing import Any, Union
+from typing import Any
 
 from .. import codec, protocol
 from ..errors import ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout, from_wire
 from ..policies.base import PolicyMetadata
+from ._sock import DEFAULT_RETRIES
 
-Message = Union[bytes, list]
+Message = bytes | list
 """A request message: bytes, or (for transports with ``accepts_parts``) a list of buffers to join."""
 
 
@@ -24,7 +25,31 @@ def encode_request(transport: Transport | AsyncTransport, kind: int, body: Any) 
     return protocol.encode_message(kind, body)
 
 
-class Transport:
+class TransportOptions:
+    """What every network transport is configured with (``connect()`` passes these through)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        **_: Any,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        """Seconds for each call and each connect attempt."""
+        self.token = token
+        """Sent on every transport when the server requires one."""
+        self.retries = retries
+        """Connect attempts after the first one (waits double from 0.1 s)."""
+        self.max_message_bytes = max_message_bytes
+        """Largest reply accepted."""
+
+
+class Transport(TransportOptions):
     """Sync transport seam. Subclasses implement the three methods."""
 
     scheme = "?"
@@ -43,7 +68,7 @@ class Transport:
         raise NotImplementedError
 
 
-class AsyncTransport:
+class AsyncTransport(TransportOptions):
     """Async twin of :class:`Transport`."""
 
     scheme = "?"

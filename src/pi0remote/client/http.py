@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from .. import codec, protocol
 from ..errors import ConnectionLost, ProtocolError, RequestTimeout, TransportError, from_wire
-from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
+from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport
 
 _KIND_PATHS = {
@@ -44,27 +44,16 @@ class HttpTransport(Transport):
     scheme = "http"
     accepts_parts = True
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        **_: Any,
-    ) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url.rstrip("/"), **options)
         self.tls = url.startswith("https://")
         self.host, self.port = host_port(url, 443 if self.tls else 80)
         self.prefix = urlsplit(url).path.rstrip("/")
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
         self.sock: socket.socket | None = None
         self._buf = bytearray(MAX_HEAD)
         self._pending = bytearray()
         host_header = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
+        auth = f"Authorization: Bearer {self.token}\r\n" if self.token is not None else ""
         self._common = f"Host: {host_header}\r\n{auth}Accept: application/msgpack\r\n".encode("latin-1")
 
     def _connect(self) -> None:
@@ -185,23 +174,11 @@ class HttpTransport(Transport):
 class AsyncHttpTransport(AsyncTransport):
     scheme = "http"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        **_: Any,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url.rstrip("/"), **options)
         self.client: Any = None
 
     async def open(self) -> dict[str, Any]:
-        import asyncio
 
         import httpx
 
@@ -209,19 +186,13 @@ class AsyncHttpTransport(AsyncTransport):
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         self.client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self.timeout)
-        delay = 0.1
-        for attempt in range(self.retries + 1):
-            try:
-                resp = await self.client.get("/metadata")
-                break
-            except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    await self.close()
-                    from ..errors import ConnectError
-
-                    raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
+        try:
+            resp = await async_with_retries(
+                lambda: self.client.get("/metadata"), self.url, self.retries, retry_on=(httpx.TransportError,)
+            )
+        except BaseException:
+            await self.close()
+            raise
         if resp.status_code != 200:
             raise from_wire(codec.unpackb(_error_body(resp.status_code, resp.content)))
         return codec.unpackb(resp.content)

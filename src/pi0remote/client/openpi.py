@@ -31,7 +31,6 @@ import numpy as np
 
 from .. import codec, protocol
 from ..errors import (
-    AuthenticationError,
     ConnectError,
     ConnectionLost,
     InvalidInputError,
@@ -42,9 +41,9 @@ from ..errors import (
     from_wire,
 )
 from ..server.openpi_ws import ERROR_PREFIX, openpi_packb, openpi_unpackb
-from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
+from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport
-from .ws import _close_error
+from .ws import _close_error, upgrade_refused
 
 DEFAULT_PORT = 8000
 """openpi's ``serve_policy.py`` default port."""
@@ -190,23 +189,10 @@ _RESET_OK = (protocol.RESET_OK, codec.packb({}))
 class OpenpiTransport(_Translator, Transport):
     scheme = "openpi"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.ws_url = ws_url(url)
         self.host, self.port = host_port(self.ws_url, DEFAULT_PORT)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.sock: socket.socket | None = None
         self.proto: Any = None
         self._buf = bytearray(1 << 18)
@@ -288,11 +274,7 @@ class OpenpiTransport(_Translator, Transport):
                     elif response is not None:
                         pending.append(event)
             if response.status_code != 101:
-                if response.status_code == 401:
-                    raise AuthenticationError(
-                        "openpi server refused the WebSocket upgrade: missing or wrong token"
-                    )
-                raise ConnectError(f"WebSocket upgrade refused: HTTP {response.status_code}")
+                raise upgrade_refused(response.status_code)
             if self.proto.handshake_exc is not None:
                 raise ConnectError(f"WebSocket handshake failed: {self.proto.handshake_exc}")
             first = self._message(pending)
@@ -338,22 +320,9 @@ class OpenpiTransport(_Translator, Transport):
 class AsyncOpenpiTransport(_Translator, AsyncTransport):
     scheme = "openpi"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.ws_url = ws_url(url)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.ws: Any = None
 
     async def open(self) -> dict[str, Any]:
@@ -362,10 +331,9 @@ class AsyncOpenpiTransport(_Translator, AsyncTransport):
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-        delay = 0.1
-        for attempt in range(self.retries + 1):
+        async def attempt() -> Any:
             try:
-                self.ws = await connect(
+                return await connect(
                     self.ws_url,
                     additional_headers=self._headers(),
                     max_size=self.max_message_bytes,
@@ -373,18 +341,10 @@ class AsyncOpenpiTransport(_Translator, AsyncTransport):
                     open_timeout=self.timeout,
                     ping_interval=None,
                 )
-                break
             except InvalidStatus as exc:
-                if exc.response.status_code == 401:
-                    raise AuthenticationError(
-                        "openpi server refused the WebSocket upgrade: missing or wrong token"
-                    ) from exc
-                raise ConnectError(f"WebSocket upgrade refused: HTTP {exc.response.status_code}") from exc
-            except (OSError, asyncio.TimeoutError) as exc:
-                if attempt == self.retries:
-                    raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
+                raise upgrade_refused(exc.response.status_code) from exc
+
+        self.ws = await async_with_retries(attempt, self.url, self.retries)
         try:
             first = await asyncio.wait_for(self.ws.recv(), self.timeout)
             return self._open_metadata(first)

@@ -7,8 +7,8 @@ import socket
 from typing import Any
 
 from .. import protocol
-from ..errors import ConnectError, ConnectionLost, RequestTimeout
-from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
+from ..errors import ConnectionLost, RequestTimeout
+from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport, _decode_reply
 
 DEFAULT_PORT = 8765
@@ -52,22 +52,9 @@ class TcpTransport(Transport):
     scheme = "tcp"
     accepts_parts = True
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.conn: FramedSocket | None = None
 
     def open(self) -> dict[str, Any]:
@@ -93,38 +80,20 @@ class TcpTransport(Transport):
 class AsyncTcpTransport(AsyncTransport):
     scheme = "tcp"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> dict[str, Any]:
-        delay = 0.1
-        for attempt in range(self.retries + 1):
-            try:
-                self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=2**20), self.timeout
-                )
-                break
-            except (OSError, asyncio.TimeoutError) as exc:
-                if attempt == self.retries:
-                    raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
+        self.reader, self.writer = await async_with_retries(
+            lambda: asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=2**20), self.timeout
+            ),
+            self.url,
+            self.retries,
+        )
         sock = self.writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -20,8 +20,14 @@ from ..errors import (
     RequestTimeout,
     TransportError,
 )
-from ._sock import DEFAULT_RETRIES, host_port, open_socket, recv_into, send_all, with_retries
+from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport, _decode_reply
+
+
+def upgrade_refused(status: int) -> Exception:
+    if status == 401:
+        return AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
+    return ConnectError(f"WebSocket upgrade refused: HTTP {status}")
 
 
 def _close_error(code: int | None, reason: str) -> Exception:
@@ -33,29 +39,15 @@ def _close_error(code: int | None, reason: str) -> Exception:
 class WsTransport(Transport):
     scheme = "ws"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.tls = url.startswith("wss://")
         self.host, self.port = host_port(url, 443 if self.tls else 80)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.sock: socket.socket | None = None
         self.proto: Any = None
         self._buf = bytearray(1 << 18)
         self._fragments: list[bytes] = []
 
-    # -- plumbing ---------------------------------------------------------------------------------
     def _flush(self) -> None:
         assert self.sock is not None
         data = [d for d in self.proto.data_to_send() if d]
@@ -96,9 +88,7 @@ class WsTransport(Transport):
                     if isinstance(event, Response):
                         response = event
             if response.status_code != 101:
-                if response.status_code == 401:
-                    raise AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
-                raise ConnectError(f"WebSocket upgrade refused: HTTP {response.status_code}")
+                raise upgrade_refused(response.status_code)
             if self.proto.handshake_exc is not None:
                 raise ConnectError(f"WebSocket handshake failed: {self.proto.handshake_exc}")
             kind, body = self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
@@ -151,34 +141,20 @@ class WsTransport(Transport):
 class AsyncWsTransport(AsyncTransport):
     scheme = "ws"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
         self.ws: Any = None
 
     async def open(self) -> dict[str, Any]:
-        import asyncio
 
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else None
-        delay = 0.1
-        for attempt in range(self.retries + 1):
+
+        async def attempt() -> Any:
             try:
-                self.ws = await connect(
+                return await connect(
                     self.url,
                     additional_headers=headers,
                     max_size=self.max_message_bytes,
@@ -186,18 +162,10 @@ class AsyncWsTransport(AsyncTransport):
                     open_timeout=self.timeout,
                     ping_interval=None,
                 )
-                break
             except InvalidStatus as exc:
-                if exc.response.status_code == 401:
-                    raise AuthenticationError(
-                        "server refused the WebSocket upgrade: missing or wrong token"
-                    ) from exc
-                raise ConnectError(f"WebSocket upgrade refused: HTTP {exc.response.status_code}") from exc
-            except (OSError, asyncio.TimeoutError) as exc:
-                if attempt == self.retries:
-                    raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
-                await asyncio.sleep(delay)
-                delay *= 2
+                raise upgrade_refused(exc.response.status_code) from exc
+
+        self.ws = await async_with_retries(attempt, self.url, self.retries)
         kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
         return _decode_reply(kind, body, protocol.METADATA)
 
