@@ -91,6 +91,26 @@ def test_urls_share_one_port_number(srv) -> None:
     assert srv.url("quic").rsplit(":", 1)[1] == srv.url("quic+tcp").rsplit(":", 1)[1]
 
 
+def test_datagram_framing_over_tcp_survives_any_chunking() -> None:
+    from pi0remote.errors import ProtocolError
+    from pi0remote.quic_common import DatagramSplitter, frame_datagrams
+
+    rng = random.Random(5)
+    datagrams = [os.urandom(rng.randint(1, 16000)) for _ in range(60)]
+    stream = frame_datagrams(datagrams)
+    for trial in range(20):
+        splitter, out, pos = DatagramSplitter(), [], 0
+        while pos < len(stream):
+            n = rng.choice([1, 3, 4, 5, 700, 16004, 40000])
+            chunk = stream[pos : pos + n]
+            out += splitter.feed(chunk if trial % 2 else bytearray(chunk))
+            pos += n
+        assert out == datagrams and all(type(d) is bytes for d in out) and not splitter.mid_frame
+    for bad in (b"\0\0\0\0", b"\x00\x01\x00\x01"):  # empty, and over 64 KiB
+        with pytest.raises(ProtocolError):
+            DatagramSplitter().feed(bad + b"x")
+
+
 # -- certificates ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", QUIC)
 def test_pinned_fingerprint_accepted_in_any_spelling(srv, transport: str) -> None:

@@ -251,8 +251,7 @@ class _TcpLink:
         self.sock.setblocking(False)
         self.timeout = timeout
         self.addr = self.sock.getpeername()
-        self.decoder = qc.datagram_decoder()
-        self._buf = bytearray(262144)
+        self.splitter = qc.DatagramSplitter()
 
     def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
         view = memoryview(qc.frame_datagrams(d for d, _ in datagrams))
@@ -273,23 +272,23 @@ class _TcpLink:
     def recv(self, timeout: float) -> list[bytes]:
         if timeout > 0 and not _wait_readable(self.sock, timeout):
             return []
-        view = memoryview(self._buf)
+        out: list[bytes] = []
         while True:
             try:
-                n = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                data = self.sock.recv(262144, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 raise ConnectionLost(f"relay connection lost: {exc}") from exc
-            if n == 0:
+            if not data:
                 raise ConnectionLost("relay connection closed")
             try:
-                self.decoder.feed(view[:n])
+                out += self.splitter.feed(data)
             except ProtocolError as exc:
                 raise ConnectionLost(f"bad datagram framing from the relay: {exc}") from exc
-            if n < len(view):
+            if len(data) < 262144:
                 break
-        return [bytes(d) for d in self.decoder.messages()]
+        return out
 
     def close(self) -> None:
         try:
@@ -505,7 +504,7 @@ class _AsyncTcp(asyncio.Protocol):
     def __init__(self) -> None:
         self.driver: _AsyncDriver | None = None
         self.transport: asyncio.Transport | None = None
-        self.decoder = qc.datagram_decoder()
+        self.splitter = qc.DatagramSplitter()
         self.addr: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -524,15 +523,15 @@ class _AsyncTcp(asyncio.Protocol):
         if driver is None or driver.terminated:
             return
         try:
-            self.decoder.feed(data)
+            datagrams = self.splitter.feed(data)
         except ProtocolError as exc:
             driver.link_lost(ConnectionLost(f"bad datagram framing from the relay: {exc}"))
             if self.transport is not None:
                 self.transport.close()
             return
         now = driver.loop.time()
-        for datagram in self.decoder.messages():
-            driver.quic.receive_datagram(bytes(datagram), self.addr, now=now)
+        for datagram in datagrams:
+            driver.quic.receive_datagram(datagram, self.addr, now=now)
         driver.after_input()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -270,7 +270,7 @@ class TcpQuicProtocol(asyncio.Protocol):
         self.configuration = configuration
         self.opts = opts
         self.registry = registry
-        self.decoder = qc.datagram_decoder()
+        self.splitter = qc.DatagramSplitter()
         self.transport: asyncio.Transport | None = None
         self.peer: QuicPeer | None = None
         self.addr: Any = ("0.0.0.0", 0)
@@ -299,14 +299,13 @@ class TcpQuicProtocol(asyncio.Protocol):
         if self.transport is None:
             return
         try:
-            self.decoder.feed(data)
+            datagrams = self.splitter.feed(data)
         except ProtocolError:
             self.transport.close()  # not framed QUIC: drop just this connection
             return
         loop_now = asyncio.get_running_loop().time()
         got = False
-        while (datagram := self.decoder.pop()) is not None:
-            datagram = bytes(datagram)
+        for datagram in datagrams:
             if self.peer is None:
                 if not self._first_datagram(datagram, loop_now):
                     self.transport.close()
