@@ -34,7 +34,7 @@ from aioquic.quic.connection import QuicConnection
 from .. import protocol
 from .. import quic_common as qc
 from ..errors import ConnectError, ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout
-from ._sock import DEFAULT_RETRIES, host_port
+from ._sock import host_port
 from .base import AsyncTransport, Transport, _decode_reply
 
 DEFAULT_PORT = 8766
@@ -302,22 +302,9 @@ class QuicTransport(Transport):
 
     scheme = "quic"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **kwargs: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
         self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.options = _options(url, kwargs)
         self.scheme = "quic+tcp" if self.options["over_tcp"] else "quic"
         burst = kwargs.get("quic_burst_bytes")
@@ -544,22 +531,9 @@ class AsyncQuicTransport(AsyncTransport):
 
     scheme = "quic"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **kwargs: Any,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
         self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.timeout = timeout
-        self.token = token
-        self.retries = retries
-        self.max_message_bytes = max_message_bytes
         self.options = _options(url, kwargs)
         self.scheme = "quic+tcp" if self.options["over_tcp"] else "quic"
         self.driver: _AsyncDriver | None = None
