@@ -43,7 +43,7 @@ from ..errors import (
 from ..server.openpi_ws import ERROR_PREFIX, openpi_packb, openpi_unpackb
 from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport
-from .ws import _close_error, upgrade_refused
+from .ws import _close_error, close_blocking_websocket, upgrade_refused
 
 DEFAULT_PORT = 8000
 """openpi's ``serve_policy.py`` default port."""
@@ -302,16 +302,7 @@ class OpenpiTransport(_Translator, Transport):
         return self._result(data)
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.proto.send_close()
-                self._flush()
-            except Exception:
-                pass
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        close_blocking_websocket(self.sock, self.proto)
         self.sock = None
         self.proto = None
         self._fragments = []

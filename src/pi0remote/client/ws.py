@@ -24,6 +24,23 @@ from ._sock import async_with_retries, host_port, open_socket, recv_into, send_a
 from .base import AsyncTransport, Transport, _decode_reply
 
 
+def close_blocking_websocket(sock: socket.socket | None, proto: Any) -> None:
+    """Send a close frame if possible, then close the socket; never raises."""
+    if sock is None:
+        return
+    try:
+        proto.send_close()
+        data = [d for d in proto.data_to_send() if d]
+        if data:
+            send_all(sock, *data)
+    except Exception:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def upgrade_refused(status: int) -> Exception:
     if status == 401:
         return AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
@@ -124,16 +141,7 @@ class WsTransport(Transport):
                 raise ConnectionLost("WebSocket closed")
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.proto.send_close()
-                self._flush()
-            except Exception:
-                pass
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        close_blocking_websocket(self.sock, self.proto)
         self.sock = None
         self.proto = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,13 @@ from typing import Any
 from .core import ServerCore, Session
 
 LINGER_S = 2.0
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a TCP transport (every reply is one write; never wait for Nagle)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def linger_close(transport: asyncio.BaseTransport, linger: float = LINGER_S) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Any
 
 from .. import protocol
 from ..errors import AuthenticationError, MessageTooLarge, Pi0RemoteError, ProtocolError, to_wire
-from .connection import MessageConnection, linger_close
+from .connection import MessageConnection, linger_close, set_nodelay
 from .core import ServerCore, Session
 
 MAX_HEAD_BYTES = 16384
@@ -103,9 +102,7 @@ class HttpProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.core.transports.add(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         # HTTP requests are not MessageConnection messages, but the idle timer is the same.
         self.conn = MessageConnection(
             self.core,

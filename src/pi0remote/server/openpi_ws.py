@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 import traceback
 from collections import deque
@@ -41,6 +40,7 @@ import numpy as np
 from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
 from ..policies import validate_obs
+from .connection import set_nodelay
 from .core import ServerCore
 
 PING_INTERVAL = 20.0
@@ -222,9 +222,7 @@ class OpenpiConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         self.listener.connections.add(self)
         limit = HANDSHAKE_TIMEOUT
         if self.listener.idle_timeout:

@@ -26,7 +26,7 @@ from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from .. import protocol
 from .. import quic_common as qc
 from ..errors import ProtocolError
-from .connection import MessageConnection
+from .connection import MessageConnection, set_nodelay
 from .core import ServerCore, Session
 
 CONNECTION_ID_LENGTH = 8
@@ -278,9 +278,7 @@ class TcpQuicProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         self.addr = transport.get_extra_info("peername") or self.addr
         self.registry.add(self)
         # Until a valid Initial arrives, only the idle timeout guards this connection.

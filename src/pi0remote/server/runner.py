@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-
 ACTIVE_CLIENT_S = 1.0
 """A client that sent a request within this many seconds counts as active (it will likely send again)."""
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from .. import protocol
 from ..errors import ProtocolError
-from .connection import MessageConnection, linger_close
+from .connection import MessageConnection, linger_close, set_nodelay
 from .core import ServerCore, Session
 
 
@@ -29,9 +28,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.core.transports.add(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         self.conn = MessageConnection(
             self.core,
             Session(authenticated=False, transport=self.transport_name),
