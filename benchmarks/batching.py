@@ -20,8 +20,21 @@ P95_TARGET = 1.6
 
 
 def measure(max_batch: int, a: argparse.Namespace) -> dict:
-    argv = ["--clients", str(a.clients), "--n", str(a.n), "--warmup", str(a.warmup), "--policy", a.policy,
-            "--transport", a.transport, "--max-batch", str(max_batch), "--no-progress"]
+    argv = [
+        "--clients",
+        str(a.clients),
+        "--n",
+        str(a.n),
+        "--warmup",
+        str(a.warmup),
+        "--policy",
+        a.policy,
+        "--transport",
+        a.transport,
+        "--max-batch",
+        str(max_batch),
+        "--no-progress",
+    ]
     if a.batch_window_ms is not None:
         argv += ["--batch-window-ms", str(a.batch_window_ms)]
     return run_clients(build_parser().parse_args(argv), lambda m: print(m, file=sys.stderr))
@@ -44,28 +57,40 @@ def main() -> int:
     ratio = rb["throughput_calls_per_s"] / r1["throughput_calls_per_s"]
     p95_ratio = rb["per_client_p95_ms"] / one_batch_ms
     summary = {
-        "policy": a.policy, "clients": a.clients, "n_per_client": a.n, "batch_window_ms": a.batch_window_ms,
+        "policy": a.policy,
+        "clients": a.clients,
+        "n_per_client": a.n,
+        "batch_window_ms": a.batch_window_ms,
         "one_batch_ms": one_batch_ms,
         "runs": {
             str(mb): {
-                "throughput_calls_per_s": r["throughput_calls_per_s"], "per_client_p50_ms": r["per_client_p50_ms"],
-                "per_client_p95_ms": r["per_client_p95_ms"], "round_trip_ms": r["round_trip_ms"],
+                "throughput_calls_per_s": r["throughput_calls_per_s"],
+                "per_client_p50_ms": r["per_client_p50_ms"],
+                "per_client_p95_ms": r["per_client_p95_ms"],
+                "round_trip_ms": r["round_trip_ms"],
                 "batch_size": r["batch_size"],
             }
             for mb, r in runs.items()
         },
-        "throughput_ratio": ratio, "p95_over_one_batch": p95_ratio,
+        "throughput_ratio": ratio,
+        "p95_over_one_batch": p95_ratio,
     }
     if a.json:
         print(json.dumps(summary, indent=1))
         return 0
-    print(f"{a.clients} clients, policy {a.policy} (one batch of {a.clients}: {one_batch_ms:.1f} ms), "
-          f"{a.n} calls per client, transport {a.transport}, batch window "
-          f"{'server default' if a.batch_window_ms is None else f'{a.batch_window_ms:g} ms'}")
-    print(f"{'max batch':>9} {'calls/s':>8} {'mean batch':>10} {'p50 ms':>8} {'p95 ms':>8}   (per-client medians)")
+    print(
+        f"{a.clients} clients, policy {a.policy} (one batch of {a.clients}: {one_batch_ms:.1f} ms), "
+        f"{a.n} calls per client, transport {a.transport}, batch window "
+        f"{'server default' if a.batch_window_ms is None else f'{a.batch_window_ms:g} ms'}"
+    )
+    print(
+        f"{'max batch':>9} {'calls/s':>8} {'mean batch':>10} {'p50 ms':>8} {'p95 ms':>8}   (per-client medians)"
+    )
     for mb, r in runs.items():
-        print(f"{mb:>9} {r['throughput_calls_per_s']:8.1f} {r['batch_size']['mean']:10.2f} "
-              f"{r['per_client_p50_ms']:8.1f} {r['per_client_p95_ms']:8.1f}")
+        print(
+            f"{mb:>9} {r['throughput_calls_per_s']:8.1f} {r['batch_size']['mean']:10.2f} "
+            f"{r['per_client_p50_ms']:8.1f} {r['per_client_p95_ms']:8.1f}"
+        )
     ok1 = "ok" if ratio >= THROUGHPUT_TARGET else "MISS"
     ok2 = "ok" if p95_ratio <= P95_TARGET else "MISS"
     print(f"throughput ratio {ratio:.2f} (target ≥ {THROUGHPUT_TARGET}) {ok1}")

@@ -39,7 +39,10 @@ def main() -> None:
     floor_proc, port = start_floor_server(reply_size)
     try:
         threaded = ["--policy", "sleep:0", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]
-        with ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv, ServerProcess(threaded) as srv2:
+        with (
+            ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv,
+            ServerProcess(threaded) as srv2,
+        ):
             clients = {s: connect(srv.url(s)) for s in ("tcp", "ws", "http")}
             clients["local"] = connect("local://zeros")
             # the same zeros reply, but handed to the policy thread and back (as every real policy is)
@@ -65,8 +68,10 @@ def main() -> None:
     if args.json:
         print(json.dumps({"p50_us": results, "ratio": {k: v / floor for k, v in results.items()}}, indent=2))
         return
-    print(f"request {len(request)} B, reply {reply_size} B, {per_round * args.rounds} calls per path "
-          f"in {args.rounds} interleaved rounds after {args.warmup} warm-up calls")
+    print(
+        f"request {len(request)} B, reply {reply_size} B, {per_round * args.rounds} calls per path "
+        f"in {args.rounds} interleaved rounds after {args.warmup} warm-up calls"
+    )
     print(f"{'path':18} {'p50 µs':>9} {'× floor':>8} {'target':>7}")
     for name, us in results.items():
         target = TARGETS.get(name)

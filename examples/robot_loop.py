@@ -34,12 +34,19 @@ def send_joint_targets(targets: np.ndarray) -> None:
 
 def main(url: str, steps: int = 200) -> None:
     with connect(url, timeout=5.0) as client:
-        print("policy:", client.metadata["policy"]["name"], "action shape", client.metadata["policy"]["action_shape"])
+        print(
+            "policy:",
+            client.metadata["policy"]["name"],
+            "action shape",
+            client.metadata["policy"]["action_shape"],
+        )
         client.reset()
         step = 0
         while step < steps:
             try:
-                reply = client.infer({"cam_high": read_camera(), "state": read_joints(), "prompt": "transfer the cube"})
+                reply = client.infer(
+                    {"cam_high": read_camera(), "state": read_joints(), "prompt": "transfer the cube"}
+                )
             except Pi0RemoteError as exc:  # typed: timeout, lost connection, bad input, policy error ...
                 print("policy call failed:", exc)
                 time.sleep(CONTROL_DT)
@@ -55,4 +62,7 @@ def main(url: str, steps: int = 200) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "local://zeros", steps=int(sys.argv[2]) if len(sys.argv) > 2 else 200)
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "local://zeros",
+        steps=int(sys.argv[2]) if len(sys.argv) > 2 else 200,
+    )

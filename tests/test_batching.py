@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ProbePolicy, expected_action, make_obs
 
+from conftest import ProbePolicy, expected_action, make_obs
 from pi0remote import RemotePolicyError, connect, protocol
 from pi0remote.server import BackgroundServer
 

@@ -24,8 +24,15 @@ def test_percentiles_of_known_samples() -> None:
     assert percentile([7.0], 99) == 7.0
     assert percentile([3, 1, 2], 50) == 2  # order does not matter
     s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert s == {"n": 5, "p50": 3.0, "p95": pytest.approx(4.8), "p99": pytest.approx(4.96), "min": 1.0,
-                 "max": 5.0, "mean": 3.0}
+    assert s == {
+        "n": 5,
+        "p50": 3.0,
+        "p95": pytest.approx(4.8),
+        "p99": pytest.approx(4.96),
+        "min": 1.0,
+        "max": 5.0,
+        "mean": 3.0,
+    }
 
 
 def test_percentiles_match_numpy() -> None:
@@ -73,7 +80,9 @@ def test_jpeg_fields_are_decoded_by_the_server_before_validation() -> None:
         received = client.infer(sent)["received"]
         assert received["cam_high"] == {"dtype": "uint8", "shape": [3, 224, 224]}
         # Other map values pass through untouched; raw requests are unchanged.
-        assert client.infer({**obs, "env_state": {"qpos": [1.0]}})["received"]["env_state"] == {"type": "dict"}
+        assert client.infer({**obs, "env_state": {"qpos": [1.0]}})["received"]["env_state"] == {
+            "type": "dict"
+        }
     from pi0remote.errors import InvalidInputError
     from pi0remote.policies.builtin import EchoPolicy
     from pi0remote.server.core import ServerCore
@@ -101,19 +110,53 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tupl
 
 
 SUMMARY_KEYS = {
-    "transport", "url", "n", "round_trip_ms", "policy_p50_ms", "server_total_p50_ms", "overhead_p50_ms", "hz",
-    "request_bytes", "reply_bytes", "x_floor", "x_openpi", "breakdown_p50_ms",
+    "transport",
+    "url",
+    "n",
+    "round_trip_ms",
+    "policy_p50_ms",
+    "server_total_p50_ms",
+    "overhead_p50_ms",
+    "hz",
+    "request_bytes",
+    "reply_bytes",
+    "x_floor",
+    "x_openpi",
+    "breakdown_p50_ms",
 }
 SAMPLE_KEYS = {
-    "t_s", "round_trip_ms", "client_encode_ms", "network_ms", "server_decode_ms", "queue_ms", "policy_ms",
-    "server_encode_ms", "client_decode_ms", "server_total_ms", "overhead_ms", "batch_size", "reply_bytes",
+    "t_s",
+    "round_trip_ms",
+    "client_encode_ms",
+    "network_ms",
+    "server_decode_ms",
+    "queue_ms",
+    "policy_ms",
+    "server_encode_ms",
+    "client_decode_ms",
+    "server_total_ms",
+    "overhead_ms",
+    "batch_size",
+    "reply_bytes",
 }
 
 
 @pytest.mark.slow
 def test_end_to_end_latency_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    doc, out = _run(tmp_path, capsys, "--n", "6", "--warmup", "2", "--rounds", "2", "--transport", "tcp,ws,http,local",
-                    "--policy", "sleep:2")
+    doc, out = _run(
+        tmp_path,
+        capsys,
+        "--n",
+        "6",
+        "--warmup",
+        "2",
+        "--rounds",
+        "2",
+        "--transport",
+        "tcp,ws,http,local",
+        "--policy",
+        "sleep:2",
+    )
     assert doc["schema"] == bench.SCHEMA and doc["mode"] == "latency"
     assert [t["transport"] for t in doc["transports"]] == ["tcp", "ws", "http", "local"]
     assert doc["config"]["policy"] == "sleep:2" and doc["config"]["embedded_server"]
@@ -151,8 +194,25 @@ def test_end_to_end_latency_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 @pytest.mark.slow
 def test_end_to_end_jpeg_and_netem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    doc, out = _run(tmp_path, capsys, "--n", "4", "--warmup", "1", "--rounds", "1", "--transport", "tcp,local",
-                    "--payload", "jpeg", "--image", "random", "--netem", "delay=5ms", "--no-charts")
+    doc, out = _run(
+        tmp_path,
+        capsys,
+        "--n",
+        "4",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--transport",
+        "tcp,local",
+        "--payload",
+        "jpeg",
+        "--image",
+        "random",
+        "--netem",
+        "delay=5ms",
+        "--no-charts",
+    )
     assert doc["config"]["netem"] == "delay=5ms" and doc["config"]["payload"] == "jpeg"
     tcp, local = doc["transports"]
     assert tcp["round_trip_ms"]["min"] >= 10.0  # 5 ms each way
@@ -167,8 +227,22 @@ def test_end_to_end_jpeg_and_netem(tmp_path: Path, capsys: pytest.CaptureFixture
 
 @pytest.mark.slow
 def test_concurrent_clients(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    doc, out = _run(tmp_path, capsys, "--clients", "3", "--n", "5", "--warmup", "1", "--policy", "sleep:10+1",
-                    "--max-batch", "4", "--transport", "tcp")
+    doc, out = _run(
+        tmp_path,
+        capsys,
+        "--clients",
+        "3",
+        "--n",
+        "5",
+        "--warmup",
+        "1",
+        "--policy",
+        "sleep:10+1",
+        "--max-batch",
+        "4",
+        "--transport",
+        "tcp",
+    )
     assert doc["mode"] == "clients" and doc["config"]["clients"] == 3 and doc["config"]["max_batch"] == 4
     assert len(doc["per_client"]) == 3 and all(c["n"] == 5 for c in doc["per_client"])
     assert 0 < doc["throughput_calls_per_s"] < 3 * 1000 / 10

@@ -40,7 +40,9 @@ def test_parse_units(text: str, field: str, value: float) -> None:
     assert getattr(NetemSpec.parse(text), field) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["delay", "delay=fast", "rate=5furlongs", "loss=200%", "colour=red", "loss=3ms"])
+@pytest.mark.parametrize(
+    "bad", ["delay", "delay=fast", "rate=5furlongs", "loss=200%", "colour=red", "loss=3ms"]
+)
 def test_parse_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         NetemSpec.parse(bad)
@@ -49,7 +51,9 @@ def test_parse_rejects(bad: str) -> None:
 def test_url_for_keeps_scheme_and_path() -> None:
     with NetemProxy.for_url("ws://127.0.0.1:9/ws", "delay=1ms") as proxy:
         assert proxy.url_for("ws://127.0.0.1:9/ws") == f"ws://127.0.0.1:{proxy.port}/ws"
-    group = NetemGroup(["http://127.0.0.1:9", "ws://127.0.0.1:9/ws", "tcp://127.0.0.1:10", "local://zeros"], "")
+    group = NetemGroup(
+        ["http://127.0.0.1:9", "ws://127.0.0.1:9/ws", "tcp://127.0.0.1:10", "local://zeros"], ""
+    )
     assert len(group.proxies) == 2
     with group:
         assert group.url_for("local://zeros") == "local://zeros"

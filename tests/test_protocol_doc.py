@@ -20,4 +20,6 @@ def test_protocol_doc_client_runs() -> None:
         scope: dict = {}
         exec(compile(code.replace("8765", port), str(DOC), "exec"), scope)
     assert scope["kind"] == 4
-    assert scope["chunk"].shape == (50, 14) and scope["chunk"].dtype == np.float32 and not scope["chunk"].any()
+    assert (
+        scope["chunk"].shape == (50, 14) and scope["chunk"].dtype == np.float32 and not scope["chunk"].any()
+    )

@@ -98,7 +98,12 @@ def encode_message_parts(kind: int, body: dict[str, Any]) -> list[bytes | memory
                 and value.dtype.kind in codec.ALLOWED_KINDS
             ):
                 packer.pack_map_header(5)
-                for k, v in ((b"nd", True), (b"type", value.dtype.str), (b"kind", b""), (b"shape", value.shape)):
+                for k, v in (
+                    (b"nd", True),
+                    (b"type", value.dtype.str),
+                    (b"kind", b""),
+                    (b"shape", value.shape),
+                ):
                     packer.pack(k)
                     packer.pack(v)
                 packer.pack(b"data")

@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
-    g.add_argument("--batch-window-ms", type=float, default=2.0, help="with --max-batch: wait up to this long for the rest of a wave of active clients")
+    g.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="with --max-batch: wait up to this long for the rest of a wave of active clients",
+    )
     g = p.add_argument_group("QUIC TLS")
     g.add_argument("--cert", default=None, help="PEM certificate (default: self-signed, generated at start)")
     g.add_argument("--key", default=None, help="PEM private key for --cert")
@@ -81,7 +86,10 @@ async def run(args: argparse.Namespace) -> int:
     if args.policy == "pi0":
         options["max_batch"] = args.max_batch  # warm-up compiles every batch size it will see
     elif options:
-        print(f"pi0remote.serve: ignoring π₀ options {sorted(options)} for --policy {args.policy}", file=sys.stderr)
+        print(
+            f"pi0remote.serve: ignoring π₀ options {sorted(options)} for --policy {args.policy}",
+            file=sys.stderr,
+        )
         options = {}
     policy = load_policy(args.policy, **options)
     quic_options = {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {}

@@ -278,7 +278,11 @@ def _col(samples: Sequence[dict[str, Any]], key: str) -> list[float]:
 
 
 def summarize_transport(
-    name: str, url: str, samples: list[dict[str, Any]], payload: Payload, floor_p50: float | None,
+    name: str,
+    url: str,
+    samples: list[dict[str, Any]],
+    payload: Payload,
+    floor_p50: float | None,
     openpi_p50: float | None,
 ) -> dict[str, Any]:
     rtt = summarize(_col(samples, "round_trip_ms"))
@@ -362,23 +366,47 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for t in result["transports"]:
         r = t["round_trip_ms"]
         row = [
-            t["transport"], _fmt(r["p50"]), _fmt(r["p95"]), _fmt(r["p99"]), _fmt(r["min"]), _fmt(r["max"]),
-            _fmt(t["policy_p50_ms"], 3), _fmt(t["overhead_p50_ms"], 3), _fmt(t["hz"], 1),
-            _fmt(t["request_bytes"]), _fmt(t["reply_bytes"]),
-            _fmt(t["x_floor"]), _fmt(t["x_openpi"]),
+            t["transport"],
+            _fmt(r["p50"]),
+            _fmt(r["p95"]),
+            _fmt(r["p99"]),
+            _fmt(r["min"]),
+            _fmt(r["max"]),
+            _fmt(t["policy_p50_ms"], 3),
+            _fmt(t["overhead_p50_ms"], 3),
+            _fmt(t["hz"], 1),
+            _fmt(t["request_bytes"]),
+            _fmt(t["reply_bytes"]),
+            _fmt(t["x_floor"]),
+            _fmt(t["x_openpi"]),
         ]
         if jpeg:
             j = t["jpeg"]
-            row += [f"{j['bytes_saved']:,} B ({j['saved_fraction']:.0%})", _fmt(j["encode_p50_ms"], 3),
-                    _fmt(j["server_decode_p50_ms"], 3)]
+            row += [
+                f"{j['bytes_saved']:,} B ({j['saved_fraction']:.0%})",
+                _fmt(j["encode_p50_ms"], 3),
+                _fmt(j["server_decode_p50_ms"], 3),
+            ]
         rows.append(row)
     for name, key in (("floor", "floor"), ("openpi-client", "openpi")):
         base = result["baselines"].get(key)
         if base:
             r = base["round_trip_ms"]
-            row = [name, _fmt(r["p50"]), _fmt(r["p95"]), _fmt(r["p99"]), _fmt(r["min"]), _fmt(r["max"]),
-                   "–", "–", _fmt(1000.0 / r["p50"], 1), _fmt(base.get("request_bytes")),
-                   _fmt(base.get("reply_bytes")), "1.00" if key == "floor" else "–", "1.00" if key == "openpi" else "–"]
+            row = [
+                name,
+                _fmt(r["p50"]),
+                _fmt(r["p95"]),
+                _fmt(r["p99"]),
+                _fmt(r["min"]),
+                _fmt(r["max"]),
+                "–",
+                "–",
+                _fmt(1000.0 / r["p50"], 1),
+                _fmt(base.get("request_bytes")),
+                _fmt(base.get("reply_bytes")),
+                "1.00" if key == "floor" else "–",
+                "1.00" if key == "openpi" else "–",
+            ]
             rows.append(row + (["", "", ""] if jpeg else []))
     return headers, rows
 
@@ -386,12 +414,19 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def render_table(result: dict[str, Any], markdown: bool = False) -> str:
     headers, rows = table_rows(result)
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+        lines = [
+            "| " + " | ".join(headers) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        )
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
@@ -434,7 +469,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     if result.get("chart"):
         lines += ["", f"![latency breakdown]({result['chart']})"]
     env = result["environment"]
-    lines += ["", f"pi0remote {env['pi0remote']}, Python {env['python']}, {env['machine']}, {env['cpus']} CPUs."]
+    lines += [
+        "",
+        f"pi0remote {env['pi0remote']}, Python {env['python']}, {env['machine']}, {env['cpus']} CPUs.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -445,6 +483,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
         return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=not enabled, leave=False)
     except ImportError:  # pragma: no cover - tqdm is a dependency
+
         class _Null:
             def update(self, n: int = 1) -> None: ...
             def set_description(self, d: str) -> None: ...
@@ -498,7 +537,9 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     from .procs import ServerProcess
 
     wanted = parse_transports(args.transport)
-    obs, image = make_obs(args.image if args.image != "auto" else ("sim" if args.payload == "jpeg" else "random"))
+    obs, image = make_obs(
+        args.image if args.image != "auto" else ("sim" if args.payload == "jpeg" else "random")
+    )
     payload = Payload(obs, args.payload, args.jpeg_quality)
     spec = NetemSpec.parse(args.netem) if args.netem else None
     embedded = not args.url
@@ -515,7 +556,9 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
             if skipped:
                 log(f"skipping {', '.join(skipped)}: not available here (QUIC needs aioquic)")
             use_openpi = args.baselines and openpi_available()
-            log(f"starting server: python -m pi0remote.serve {' '.join(server_args(args, transports, use_openpi))}")
+            log(
+                f"starting server: python -m pi0remote.serve {' '.join(server_args(args, transports, use_openpi))}"
+            )
             srv = stack.enter_context(ServerProcess(server_args(args, transports, use_openpi)))
             for url in srv.urls:
                 scheme = url.split("://", 1)[0]
@@ -547,7 +590,10 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
 
         floor_port = None
         request, reply_size = canonical_sizes(payload.sample)
-        loopback = all(u.startswith("local://") or "127.0.0.1" in u or "localhost" in u or "[::1]" in u for _, u in targets)
+        loopback = all(
+            u.startswith("local://") or "127.0.0.1" in u or "localhost" in u or "[::1]" in u
+            for _, u in targets
+        )
         if args.baselines and loopback:
             floor_proc, floor_port = start_floor_server(reply_size)
             stack.callback(floor_proc.kill)
@@ -557,7 +603,9 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         openpi: OpenpiMeasured | None = None
         if openpi_url:
             try:
-                openpi = OpenpiMeasured(group.url_for(openpi_url.replace("openpi://", "ws://")) if group else openpi_url, obs)
+                openpi = OpenpiMeasured(
+                    group.url_for(openpi_url.replace("openpi://", "ws://")) if group else openpi_url, obs
+                )
                 stack.callback(openpi.close)
             except Exception as exc:
                 log(f"openpi-client baseline skipped: {type(exc).__name__}: {exc}")
@@ -595,13 +643,17 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
                 for _ in range(k):
                     openpi.call(t_origin, keep=True)
                     bar.update()
-        netem_stats = {f"{h}:{p}": proxy.stats() for (h, p), proxy in group.proxies.items()} if group else None
+        netem_stats = (
+            {f"{h}:{p}": proxy.stats() for (h, p), proxy in group.proxies.items()} if group else None
+        )
 
     baselines: dict[str, Any] = {}
     if floor_samples:
         baselines["floor"] = {
-            "round_trip_ms": summarize(floor_samples), "request_bytes": len(request) + 4,
-            "reply_bytes": reply_size + 4, "samples_ms": floor_samples,
+            "round_trip_ms": summarize(floor_samples),
+            "request_bytes": len(request) + 4,
+            "reply_bytes": reply_size + 4,
+            "samples_ms": floor_samples,
             "note": "raw TCP socket, length-prefixed frames, server answers without decoding",
         }
     if openpi is not None and openpi.samples:
@@ -635,7 +687,9 @@ def run_latency(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         "environment": environment(),
         "server": {"metadata": _jsonable(server_meta)},
         "payload": {
-            "kind": payload.kind, "request_bytes": payload.request_bytes, "raw_request_bytes": payload.raw_bytes,
+            "kind": payload.kind,
+            "request_bytes": payload.request_bytes,
+            "raw_request_bytes": payload.raw_bytes,
             "jpeg_decode_estimate_ms": jpeg_decode_ms(payload),
         },
         "baselines": baselines,
@@ -682,8 +736,19 @@ def _jsonable(x: Any) -> Any:
 
 # -- several clients at once ----------------------------------------------------------------------
 def _client_worker(
-    index: int, url: str, n: int, warmup: int, payload_kind: str, quality: int, image: str,
-    quic_fp: str | None, timeout: float, start: Any, ready: Any, counter: Any, results: Any,
+    index: int,
+    url: str,
+    n: int,
+    warmup: int,
+    payload_kind: str,
+    quality: int,
+    image: str,
+    quic_fp: str | None,
+    timeout: float,
+    start: Any,
+    ready: Any,
+    counter: Any,
+    results: Any,
 ) -> None:
     try:
         obs, _ = make_obs(image, seed=index)
@@ -745,8 +810,21 @@ def run_clients(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         procs = [
             ctx.Process(
                 target=_client_worker,
-                args=(i, via, args.n, args.warmup, args.payload, args.jpeg_quality, image,
-                      meta.get("quic_fingerprint"), args.timeout, start, ready, counter, results),
+                args=(
+                    i,
+                    via,
+                    args.n,
+                    args.warmup,
+                    args.payload,
+                    args.jpeg_quality,
+                    image,
+                    meta.get("quic_fingerprint"),
+                    args.timeout,
+                    start,
+                    ready,
+                    counter,
+                    results,
+                ),
                 daemon=True,
             )
             for i in range(args.clients)
@@ -756,7 +834,9 @@ def run_clients(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
             stack.callback(lambda p=p: (p.join(5), p.is_alive() and p.kill()))
         for _ in procs:
             ready.get(timeout=300)
-        bar = stack.enter_context(_closing(_progress(args.n * args.clients, f"{args.clients} clients", not args.no_progress)))
+        bar = stack.enter_context(
+            _closing(_progress(args.n * args.clients, f"{args.clients} clients", not args.no_progress))
+        )
         start.set()
         got: dict[int, tuple[list[dict[str, Any]], str | None]] = {}
         seen = 0
@@ -779,7 +859,9 @@ def run_clients(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     per_client = []
     for i in sorted(got):
         rtt = _col(got[i][0], "round_trip_ms")
-        per_client.append({"client": i, "n": len(rtt), **{k: v for k, v in summarize(rtt).items() if k != "n"}})
+        per_client.append(
+            {"client": i, "n": len(rtt), **{k: v for k, v in summarize(rtt).items() if k != "n"}}
+        )
     rtt_all = summarize(_col(all_samples, "round_trip_ms"))
     batch = _col(all_samples, "batch_size")
     for s in all_samples:
@@ -791,9 +873,16 @@ def run_clients(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         "mode": "clients",
         "config": {
             "policy": args.policy if embedded else meta.get("policy", {}).get("name", "?"),
-            "embedded_server": embedded, "url": url, "transport": scheme, "clients": args.clients,
-            "n": args.n, "warmup": args.warmup, "payload": args.payload, "image": image,
-            "netem": str(spec) if spec else None, "max_batch": args.max_batch if embedded else meta.get("max_batch"),
+            "embedded_server": embedded,
+            "url": url,
+            "transport": scheme,
+            "clients": args.clients,
+            "n": args.n,
+            "warmup": args.warmup,
+            "payload": args.payload,
+            "image": image,
+            "netem": str(spec) if spec else None,
+            "max_batch": args.max_batch if embedded else meta.get("max_batch"),
             "batch_window_ms": args.batch_window_ms if embedded else None,
         },
         "environment": environment(),
@@ -811,13 +900,25 @@ def run_clients(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
 
 def render_clients(result: dict[str, Any], markdown: bool = False) -> str:
     c = result["config"]
-    head = (f"{c['clients']} clients on {c['transport']} ({c['url']}), policy {c['policy']}, max batch {c['max_batch']}"
-            f", {c['n']} calls each: {result['throughput_calls_per_s']:.1f} calls/s, "
-            f"mean batch {result['batch_size']['mean']:.2f}, round trip p50 {result['round_trip_ms']['p50']:.1f} ms, "
-            f"p95 {result['round_trip_ms']['p95']:.1f} ms")
+    head = (
+        f"{c['clients']} clients on {c['transport']} ({c['url']}), policy {c['policy']}, max batch {c['max_batch']}"
+        f", {c['n']} calls each: {result['throughput_calls_per_s']:.1f} calls/s, "
+        f"mean batch {result['batch_size']['mean']:.2f}, round trip p50 {result['round_trip_ms']['p50']:.1f} ms, "
+        f"p95 {result['round_trip_ms']['p95']:.1f} ms"
+    )
     headers = ["client", "n", "p50 ms", "p95 ms", "p99 ms", "min ms", "max ms"]
-    rows = [[str(p["client"]), str(p["n"]), _fmt(p["p50"]), _fmt(p["p95"]), _fmt(p["p99"]), _fmt(p["min"]), _fmt(p["max"])]
-            for p in result["per_client"]]
+    rows = [
+        [
+            str(p["client"]),
+            str(p["n"]),
+            _fmt(p["p50"]),
+            _fmt(p["p95"]),
+            _fmt(p["p99"]),
+            _fmt(p["min"]),
+            _fmt(p["max"]),
+        ]
+        for p in result["per_client"]
+    ]
     if markdown:
         body = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
         body += ["| " + " | ".join(r) + " |" for r in rows]
@@ -854,7 +955,11 @@ def write_outputs(result: dict[str, Any], out: Path, charts: bool = True) -> Non
     if result["mode"] == "latency":
         md = render_markdown(result)
     else:
-        md = f"# pi0remote concurrent-clients benchmark, {result['created']}\n\n" + render_clients(result, True) + "\n"
+        md = (
+            f"# pi0remote concurrent-clients benchmark, {result['created']}\n\n"
+            + render_clients(result, True)
+            + "\n"
+        )
     (out / "results.md").write_text(md)
 
 
@@ -863,27 +968,58 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pi0remote.bench",
         description="Round-trip latency of every pi0remote transport (starts its own server without --url).",
     )
-    p.add_argument("--url", action="append", default=[], help="measure this server URL (repeatable); none: embedded server")
+    p.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        help="measure this server URL (repeatable); none: embedded server",
+    )
     p.add_argument("--transport", default="all", help=f"comma list of {','.join(ALL_TRANSPORTS)}, or all")
     p.add_argument("--n", type=int, default=30, help="measured calls per transport")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured calls per transport first")
     p.add_argument("--rounds", type=int, default=5, help="interleave the transports in this many rounds")
-    p.add_argument("--policy", default="zeros", help="embedded server's policy: zeros, sleep:26 (GPU-like), sleep:24+8.9, ...")
+    p.add_argument(
+        "--policy",
+        default="zeros",
+        help="embedded server's policy: zeros, sleep:26 (GPU-like), sleep:24+8.9, ...",
+    )
     p.add_argument("--payload", choices=("raw", "jpeg"), default="raw", help="camera as raw uint8 or as JPEG")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--image", choices=("auto", "random", "sim"), default="auto",
-                   help="camera content: random noise or a rendered gym-aloha frame (auto: sim for jpeg)")
-    p.add_argument("--netem", default=None, help="WAN emulation, e.g. delay=150ms,jitter=10ms,loss=0.1%%,rate=50mbit")
+    p.add_argument(
+        "--image",
+        choices=("auto", "random", "sim"),
+        default="auto",
+        help="camera content: random noise or a rendered gym-aloha frame (auto: sim for jpeg)",
+    )
+    p.add_argument(
+        "--netem", default=None, help="WAN emulation, e.g. delay=150ms,jitter=10ms,loss=0.1%%,rate=50mbit"
+    )
     p.add_argument("--clients", type=int, default=0, help="N concurrent client processes (throughput mode)")
-    p.add_argument("--max-batch", type=int, default=1, help="embedded server: dynamic batching up to this size")
-    p.add_argument("--batch-window-ms", type=float, default=None,
-                   help="embedded server: wait this long for the rest of a wave (default: the server's)")
-    p.add_argument("--out", default=None, help="parent folder of the timestamped results folder (default bench-results)")
-    p.add_argument("--json", action="store_true", help="print the result JSON (without per-call samples) instead of the table")
-    p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines")
+    p.add_argument(
+        "--max-batch", type=int, default=1, help="embedded server: dynamic batching up to this size"
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=None,
+        help="embedded server: wait this long for the rest of a wave (default: the server's)",
+    )
+    p.add_argument(
+        "--out", default=None, help="parent folder of the timestamped results folder (default bench-results)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result JSON (without per-call samples) instead of the table",
+    )
+    p.add_argument(
+        "--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines"
+    )
     p.add_argument("--no-charts", dest="charts", action="store_false")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--quic-insecure", action="store_true", help="skip QUIC certificate checks for --url servers")
+    p.add_argument(
+        "--quic-insecure", action="store_true", help="skip QUIC certificate checks for --url servers"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="per-call timeout, seconds")
     return p
 
@@ -892,7 +1028,10 @@ def _strip_samples(result: dict[str, Any]) -> dict[str, Any]:
     out = dict(result)
     out.pop("samples", None)
     out["transports"] = [{k: v for k, v in t.items() if k != "samples"} for t in result.get("transports", [])]
-    out["baselines"] = {k: {kk: vv for kk, vv in v.items() if kk != "samples_ms"} for k, v in result.get("baselines", {}).items()}
+    out["baselines"] = {
+        k: {kk: vv for kk, vv in v.items() if kk != "samples_ms"}
+        for k, v in result.get("baselines", {}).items()
+    }
     return out
 
 
@@ -919,7 +1058,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_table(result))
         else:
             print(render_clients(result))
-        print(f"results: {out}/results.json, results.md" + (f", {result['chart']}" if result.get("chart") else ""))
+        print(
+            f"results: {out}/results.json, results.md"
+            + (f", {result['chart']}" if result.get("chart") else "")
+        )
     return 0
 
 

@@ -82,14 +82,23 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
     total = call["round_trip_ms"]
     for i, stage in enumerate(STAGES):
         dur = max(0.0, float(call[f"{stage}_ms"]))
-        ax.barh(i, max(dur, total * 0.002), left=start, color=STAGE_COLORS[stage], edgecolor="black", linewidth=0.6)
+        ax.barh(
+            i,
+            max(dur, total * 0.002),
+            left=start,
+            color=STAGE_COLORS[stage],
+            edgecolor="black",
+            linewidth=0.6,
+        )
         ax.text(start + dur + total * 0.01, i, _fmt_ms(dur), va="center", ha="left", fontsize=9)
         start += dur
     ax.set_yticks(range(len(STAGES)), [STAGE_LABELS[s] for s in STAGES])
     ax.invert_yaxis()
     ax.set_xlim(0, max(start, total) * 1.22)
     ax.set_xlabel("ms since the call began")
-    ax.set_title(f"1 · Waterfall of the median {best['transport']} call (round trip {_fmt_ms(total)})", fontsize=11)
+    ax.set_title(
+        f"1 · Waterfall of the median {best['transport']} call (round trip {_fmt_ms(total)})", fontsize=11
+    )
     ax.grid(axis="x", alpha=0.3)
 
     # 2. stacked bar per transport of the median of each stage
@@ -98,8 +107,15 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
     bottom = np.zeros(len(names))
     for stage in STAGES:
         vals = np.array([t["breakdown_p50_ms"][stage] or 0.0 for t in transports])
-        ax.bar(x, vals, bottom=bottom, color=STAGE_COLORS[stage], edgecolor="black", linewidth=0.4,
-               label=STAGE_LABELS[stage])
+        ax.bar(
+            x,
+            vals,
+            bottom=bottom,
+            color=STAGE_COLORS[stage],
+            edgecolor="black",
+            linewidth=0.4,
+            label=STAGE_LABELS[stage],
+        )
         bottom += vals
     # One slow transport must not flatten the others: clip the axis and label the clipped bars.
     totals = sorted(bottom)
@@ -110,14 +126,27 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
     for i, t in enumerate(transports):
         label = f"p50 {_fmt_ms(t['round_trip_ms']['p50'])}"
         if bottom[i] > top:
-            ax.text(i, top * 0.97, "↑ " + label, ha="center", va="top", fontsize=9, fontweight="bold",
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+            ax.text(
+                i,
+                top * 0.97,
+                "↑ " + label,
+                ha="center",
+                va="top",
+                fontsize=9,
+                fontweight="bold",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            )
         else:
             ax.text(i, bottom[i], label, ha="center", va="bottom", fontsize=9)
     floor = result.get("baselines", {}).get("floor")
     if floor and floor["round_trip_ms"]["p50"] < top:
-        ax.axhline(floor["round_trip_ms"]["p50"], color="black", linestyle=":", linewidth=1.2,
-                   label=f"raw-socket floor p50 ({_fmt_ms(floor['round_trip_ms']['p50'])})")
+        ax.axhline(
+            floor["round_trip_ms"]["p50"],
+            color="black",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"raw-socket floor p50 ({_fmt_ms(floor['round_trip_ms']['p50'])})",
+        )
     ax.set_xticks(x, names)
     ax.set_ylim(0, top)
     ax.set_ylabel("ms (median of each stage)")
@@ -143,10 +172,18 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
     ax = fig.add_subplot(gs[2, 0])
     for t in transports:
         ys = np.sort([s["round_trip_ms"] for s in t["samples"]])
-        ax.step(ys, np.arange(1, len(ys) + 1) / len(ys), where="post", color=colors[t["transport"]], label=t["transport"])
+        ax.step(
+            ys,
+            np.arange(1, len(ys) + 1) / len(ys),
+            where="post",
+            color=colors[t["transport"]],
+            label=t["transport"],
+        )
     if floor and floor.get("samples_ms"):
         ys = np.sort(floor["samples_ms"])
-        ax.step(ys, np.arange(1, len(ys) + 1) / len(ys), where="post", color="black", linestyle=":", label="floor")
+        ax.step(
+            ys, np.arange(1, len(ys) + 1) / len(ys), where="post", color="black", linestyle=":", label="floor"
+        )
     ax.set_xscale("log")
     _plain_log(ax.xaxis)
     ax.set_xlabel("round trip, ms (log)")

@@ -73,7 +73,11 @@ def decode_jpeg(data: bytes | bytearray | memoryview, *, layout: str = "chw") ->
 
 
 def is_jpeg_field(value: Any) -> bool:
-    return isinstance(value, dict) and JPEG_KEY in value and isinstance(value[JPEG_KEY], (bytes, bytearray, memoryview))
+    return (
+        isinstance(value, dict)
+        and JPEG_KEY in value
+        and isinstance(value[JPEG_KEY], (bytes, bytearray, memoryview))
+    )
 
 
 def decode_jpeg_fields(obs: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +105,12 @@ def jpeg_obs(obs: dict[str, Any], quality: int = 90, keys: tuple[str, ...] | Non
     for key, value in obs.items():
         if keys is not None and key not in keys:
             continue
-        if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3 and value.shape[0] == 3:
+        if (
+            isinstance(value, np.ndarray)
+            and value.dtype == np.uint8
+            and value.ndim == 3
+            and value.shape[0] == 3
+        ):
             out[key] = {JPEG_KEY: encode_jpeg(value, quality)}
     return out
 

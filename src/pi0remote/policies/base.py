@@ -53,7 +53,9 @@ class ArraySpec:
         if value.dtype != np.dtype(self.dtype):
             raise InvalidInputError(f"{name!r}: expected dtype {self.dtype}, got {value.dtype}")
         shape = value.shape
-        if len(shape) != len(self.shape) or any(e != -1 and e != s for e, s in zip(self.shape, shape, strict=True)):
+        if len(shape) != len(self.shape) or any(
+            e != -1 and e != s for e, s in zip(self.shape, shape, strict=True)
+        ):
             raise InvalidInputError(f"{name!r}: expected shape {list(self.shape)}, got {list(shape)}")
 
 
