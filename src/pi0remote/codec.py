@@ -43,19 +43,27 @@ def _encode_default(obj: Any) -> Any:
     raise CodecError(f"cannot encode objects of type {type(obj).__name__}")
 
 
+_DTYPE_CACHE: dict[Any, np.dtype] = {}
+"""Accepted dtype fields seen before (a handful in practice), so the hot path skips parsing them."""
+
+
 def _checked_dtype(type_str: Any) -> np.dtype:
-    if isinstance(type_str, bytes):
-        type_str = type_str.decode("ascii", "replace")
-    if not isinstance(type_str, str) or len(type_str) > 16:
+    cached = _DTYPE_CACHE.get(type_str)
+    if cached is not None:
+        return cached
+    text = type_str.decode("ascii", "replace") if isinstance(type_str, bytes) else type_str
+    if not isinstance(text, str) or len(text) > 16:
         raise CodecError(f"bad array dtype field: {type_str!r:.40}")
     try:
-        dtype = np.dtype(type_str)
+        dtype = np.dtype(text)
     except (TypeError, ValueError) as exc:
-        raise CodecError(f"unknown array dtype {type_str!r}") from exc
+        raise CodecError(f"unknown array dtype {text!r}") from exc
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise CodecError(
             f"array dtype {dtype} is not allowed (allowed kinds: bool, int, uint, float, complex)"
         )
+    if len(_DTYPE_CACHE) < 64:
+        _DTYPE_CACHE[type_str] = dtype
     return dtype
 
 
@@ -63,11 +71,13 @@ def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
     dtype = _checked_dtype(type_str)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError("array data must be a msgpack bin")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, (list, tuple)):
         raise CodecError(f"bad array shape {shape!r:.60}")
     count = 1
-    for s in shape:
-        count *= s
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise CodecError(f"bad array shape {shape!r:.60}")
+        count *= dim
     if count * dtype.itemsize != len(data):
         raise CodecError(
             f"array data has {len(data)} bytes, shape {list(shape)} of {dtype} needs {count * dtype.itemsize}"

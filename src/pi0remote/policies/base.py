@@ -47,14 +47,18 @@ class ArraySpec:
     def from_dict(cls, d: Mapping[str, Any]) -> ArraySpec:
         return cls(dtype=str(d["dtype"]), shape=tuple(int(x) for x in d["shape"]))
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_np_dtype", np.dtype(self.dtype))
+
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, np.ndarray):
             raise InvalidInputError(f"{name!r}: expected a {self.dtype} array, got {type(value).__name__}")
-        if value.dtype != np.dtype(self.dtype):
+        if value.dtype != self._np_dtype:  # type: ignore[attr-defined]
             raise InvalidInputError(f"{name!r}: expected dtype {self.dtype}, got {value.dtype}")
         shape = value.shape
-        if len(shape) != len(self.shape) or any(
-            e != -1 and e != s for e, s in zip(self.shape, shape, strict=True)
+        if shape != self.shape and (
+            len(shape) != len(self.shape)
+            or any(e != -1 and e != s for e, s in zip(self.shape, shape, strict=True))
         ):
             raise InvalidInputError(f"{name!r}: expected shape {list(self.shape)}, got {list(shape)}")
 
