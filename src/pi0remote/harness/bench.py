@@ -137,7 +137,7 @@ class Payload:
         """The observation to send and the milliseconds spent preparing it (JPEG encoding)."""
         if self.kind == "raw":
             return self.obs, 0.0
-        from .jpeg import jpeg_obs
+        from ..jpeg import jpeg_obs
 
         t0 = time.perf_counter()
         out = jpeg_obs(self.obs, self.quality)
@@ -155,7 +155,7 @@ def jpeg_decode_ms(payload: Payload, repeats: int = 20) -> float | None:
     """Median time to decode the payload's JPEG camera here (an estimate of the server's extra work)."""
     if payload.kind != "jpeg":
         return None
-    from .jpeg import decode_jpeg_fields
+    from ..jpeg import decode_jpeg_fields
 
     times = []
     for _ in range(repeats):

@@ -101,7 +101,7 @@ class ServerCore:
     def decode_obs(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
         obs = codec.unpackb(body)
         if type(obs) is dict and dict in map(type, obs.values()):  # maybe {"cam_high": {"jpeg": bytes}}
-            from ..harness.jpeg import decode_jpeg_fields
+            from ..jpeg import decode_jpeg_fields
 
             decode_jpeg_fields(obs)
         validate_obs(obs, self.meta.input_spec)

@@ -86,7 +86,7 @@ def decode_jpeg_fields(obs: dict[str, Any]) -> dict[str, Any]:
     Other map values (e.g. a simulator's ``env_state``) are left alone. A corrupt JPEG raises
     :class:`~pi0remote.errors.InvalidInputError`, which the client gets as a typed error.
     """
-    from ..errors import InvalidInputError
+    from .errors import InvalidInputError
 
     for key, value in list(obs.items()):
         if is_jpeg_field(value):
