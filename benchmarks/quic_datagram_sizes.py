@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 from pi0remote import connect
-from pi0remote.harness.floor import canonical_sizes, measure_floor, start_floor_server
+from pi0remote.harness.floor import compare_to_floor, ratio_table
 from pi0remote.harness.obs import canonical_obs
 from pi0remote.harness.procs import ServerProcess
 
@@ -49,63 +47,27 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     obs = canonical_obs(0)
-    request, reply_size = canonical_sizes(obs)
-    per_round = max(1, args.n // args.rounds)
-    samples: dict[str, list[float]] = {name: [] for name in ("floor", *PATHS)}
-    server_args = [
-        "--policy",
-        "zeros",
-        "--http-port",
-        "0",
-        "--tcp-port",
-        "0",
-        "--transports",
-        "tcp",
-        "--quic-port",
-        "0",
-        "--quic-max-datagram",
-        "16000",
-    ]
-    floor_proc, port = start_floor_server(reply_size)
-    try:
-        with ServerProcess(server_args) as srv:
-            fingerprint = next(
-                line.rsplit("sha256:", 1)[1] for line in srv.lines if line.startswith("quic fingerprint")
-            )
-            clients = {}
-            for name, (scheme, size) in PATHS.items():
-                opts = {} if size is None else {"quic_max_datagram": size, "quic_fingerprint": fingerprint}
-                clients[name] = connect(srv.url(scheme), **opts)
-            for client in clients.values():
-                for _ in range(args.warmup):
-                    client.infer(obs)
-            measure_floor(port, request, 0, args.warmup)
-            # Interleaved rounds: every path sees the same machine noise.
-            for _ in range(args.rounds):
-                samples["floor"] += measure_floor(port, request, per_round, 2)
-                for name, client in clients.items():
-                    for _ in range(per_round):
-                        t0 = time.perf_counter()
-                        client.infer(obs)
-                        samples[name].append(time.perf_counter() - t0)
+    server_args = ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]
+    server_args += ["--quic-port", "0", "--quic-max-datagram", "16000"]
+    with ServerProcess(server_args) as srv:
+        fingerprint = next(
+            line.rsplit("sha256:", 1)[1] for line in srv.lines if line.startswith("quic fingerprint")
+        )
+        clients = {}
+        for name, (scheme, size) in PATHS.items():
+            opts = {} if size is None else {"quic_max_datagram": size, "quic_fingerprint": fingerprint}
+            clients[name] = connect(srv.url(scheme), **opts)
+        try:
+            p50, about = compare_to_floor(clients, obs, n=args.n, warmup=args.warmup, rounds=args.rounds)
+        finally:
             for client in clients.values():
                 client.close()
-    finally:
-        floor_proc.kill()
-    results = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
-    floor = results["floor"]
     if args.json:
-        print(json.dumps({"p50_us": results, "ratio": {k: v / floor for k, v in results.items()}}, indent=2))
+        ratios = {k: v / p50["floor"] for k, v in p50.items()}
+        print(json.dumps({"p50_us": p50, "ratio": ratios}, indent=2))
         return
-    print(
-        f"request {len(request)} B, reply {reply_size} B, {per_round * args.rounds} calls per path "
-        f"in {args.rounds} interleaved rounds after {args.warmup} warm-up calls"
-    )
-    print(f"{'path':16} {'p50 µs':>9} {'× floor':>8} {'target':>7}")
-    for name, us in results.items():
-        target = TARGETS.get(name)
-        mark = "" if target is None else ("ok" if us / floor <= target else "MISS")
-        print(f"{name:16} {us:9.1f} {us / floor:8.2f} {'' if target is None else f'≤{target:g}':>7} {mark}")
+    print(about)
+    print(ratio_table(p50, TARGETS))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,51 @@ def canonical_sizes(obs: dict[str, Any], reply_size: int | None = None) -> tuple
 
 if __name__ == "__main__":
     asyncio.run(_serve(int(sys.argv[1])))
+
+
+def compare_to_floor(
+    clients: dict[str, Any], obs: dict[str, Any], *, n: int, warmup: int, rounds: int
+) -> tuple[dict[str, float], str]:
+    """p50 µs of each client's ``infer(obs)`` and of the floor for the same bytes, in interleaved rounds.
+
+    Every path is measured ``n // rounds`` times per round, so all of them see the same machine noise.
+    Returns the p50s (``"floor"`` first) and a one-line description of the run.
+    """
+    import statistics
+
+    request, reply_size = canonical_sizes(obs)
+    per_round = max(1, n // rounds)
+    samples: dict[str, list[float]] = {name: [] for name in ("floor", *clients)}
+    floor_proc, port = start_floor_server(reply_size)
+    try:
+        for client in clients.values():
+            for _ in range(warmup):
+                client.infer(obs)
+        measure_floor(port, request, 0, warmup)
+        for _ in range(rounds):
+            samples["floor"] += measure_floor(port, request, per_round, 2)
+            for name, client in clients.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    client.infer(obs)
+                    samples[name].append(time.perf_counter() - t0)
+    finally:
+        floor_proc.kill()
+    about = (
+        f"request {len(request)} B, reply {reply_size} B, {per_round * rounds} calls per path "
+        f"in {rounds} interleaved rounds after {warmup} warm-up calls"
+    )
+    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}, about
+
+
+def ratio_table(p50_us: dict[str, float], targets: dict[str, float]) -> str:
+    """The p50s as a table of ratios to ``p50_us["floor"]``, each target marked ok or MISS."""
+    floor = p50_us["floor"]
+    width = max(len(name) for name in p50_us) + 2
+    lines = [f"{'path':{width}} {'p50 µs':>9} {'× floor':>8} {'target':>7}"]
+    for name, us in p50_us.items():
+        target = targets.get(name)
+        mark = "" if target is None else ("ok" if us / floor <= target else "MISS")
+        shown = "" if target is None else f"≤{target:g}"
+        lines.append(f"{name:{width}} {us:9.1f} {us / floor:8.2f} {shown:>7} {mark}")
+    return "\n".join(lines)
