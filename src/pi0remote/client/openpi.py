@@ -37,13 +37,18 @@ from ..errors import (
     Pi0RemoteError,
     ProtocolError,
     RemotePolicyError,
-    RequestTimeout,
     from_wire,
 )
 from ..server.openpi_ws import ERROR_PREFIX, openpi_packb, openpi_unpackb
-from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
+from ._sock import host_port, open_socket, recv_into, send_all, with_retries
 from .base import AsyncTransport, Transport
-from .ws import _close_error, close_blocking_websocket, upgrade_refused
+from .ws import (
+    _close_error,
+    async_websocket_exchange,
+    close_blocking_websocket,
+    open_async_websocket,
+    upgrade_refused,
+)
 
 DEFAULT_PORT = 8000
 """openpi's ``serve_policy.py`` default port."""
@@ -319,23 +324,9 @@ class AsyncOpenpiTransport(_Translator, AsyncTransport):
     async def open(self) -> dict[str, Any]:
         import asyncio
 
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidStatus
+        from websockets.exceptions import ConnectionClosed
 
-        async def attempt() -> Any:
-            try:
-                return await connect(
-                    self.ws_url,
-                    additional_headers=self._headers(),
-                    max_size=self.max_message_bytes,
-                    compression=None,
-                    open_timeout=self.timeout,
-                    ping_interval=None,
-                )
-            except InvalidStatus as exc:
-                raise upgrade_refused(exc.response.status_code) from exc
-
-        self.ws = await async_with_retries(attempt, self.url, self.retries)
+        self.ws = await open_async_websocket(self, self.ws_url, self._headers())
         try:
             first = await asyncio.wait_for(self.ws.recv(), self.timeout)
             return self._open_metadata(first)
@@ -351,23 +342,11 @@ class AsyncOpenpiTransport(_Translator, AsyncTransport):
             raise
 
     async def roundtrip(self, message: bytes) -> tuple[int, bytes]:
-        import asyncio
-
-        from websockets.exceptions import ConnectionClosed
 
         kind, payload = self._request(message)
         if payload is None:
             return _RESET_OK
-        if self.ws is None:
-            raise ConnectionLost("not connected")
-        try:
-            await self.ws.send(payload)
-            data = await asyncio.wait_for(self.ws.recv(), self.timeout)
-        except asyncio.TimeoutError as exc:
-            raise RequestTimeout("no reply within the timeout") from exc
-        except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+        data = await async_websocket_exchange(self.ws, payload, self.timeout)
         if isinstance(data, str):
             await self.close()
             raise error_from_text(data)

@@ -41,6 +41,48 @@ def close_blocking_websocket(sock: socket.socket | None, proto: Any) -> None:
         pass
 
 
+async def open_async_websocket(options: Any, url: str, headers: dict[str, str] | None) -> Any:
+    """A ``websockets.asyncio`` connection with pi0remote's settings and bounded retries.
+
+    ``options`` supplies ``timeout``, ``retries`` and ``max_message_bytes``; no compression, no pings.
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async def attempt() -> Any:
+        try:
+            return await connect(
+                url,
+                additional_headers=headers,
+                max_size=options.max_message_bytes,
+                compression=None,
+                open_timeout=options.timeout,
+                ping_interval=None,
+            )
+        except InvalidStatus as exc:
+            raise upgrade_refused(exc.response.status_code) from exc
+
+    return await async_with_retries(attempt, options.url, options.retries)
+
+
+async def async_websocket_exchange(ws: Any, payload: bytes, timeout: float) -> bytes | str:
+    """Send one message and await the next, translating websockets' failures into pi0remote errors."""
+    import asyncio
+
+    from websockets.exceptions import ConnectionClosed
+
+    if ws is None:
+        raise ConnectionLost("not connected")
+    try:
+        await ws.send(payload)
+        return await asyncio.wait_for(ws.recv(), timeout)
+    except asyncio.TimeoutError as exc:
+        raise RequestTimeout("no reply within the timeout") from exc
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+
+
 def upgrade_refused(status: int) -> Exception:
     if status == 401:
         return AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
@@ -154,44 +196,13 @@ class AsyncWsTransport(AsyncTransport):
         self.ws: Any = None
 
     async def open(self) -> dict[str, Any]:
-
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidStatus
-
         headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else None
-
-        async def attempt() -> Any:
-            try:
-                return await connect(
-                    self.url,
-                    additional_headers=headers,
-                    max_size=self.max_message_bytes,
-                    compression=None,
-                    open_timeout=self.timeout,
-                    ping_interval=None,
-                )
-            except InvalidStatus as exc:
-                raise upgrade_refused(exc.response.status_code) from exc
-
-        self.ws = await async_with_retries(attempt, self.url, self.retries)
+        self.ws = await open_async_websocket(self, self.url, headers)
         kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
         return _decode_reply(kind, body, protocol.METADATA)
 
     async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
-        import asyncio
-
-        from websockets.exceptions import ConnectionClosed
-
-        if self.ws is None:
-            raise ConnectionLost("not connected")
-        try:
-            await self.ws.send(message)
-            data = await asyncio.wait_for(self.ws.recv(), self.timeout)
-        except asyncio.TimeoutError as exc:
-            raise RequestTimeout("no reply within the timeout") from exc
-        except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+        data = await async_websocket_exchange(self.ws, message, self.timeout)
         if isinstance(data, str):
             raise ProtocolError("server sent a text WebSocket message")
         return protocol.split_message(data)
