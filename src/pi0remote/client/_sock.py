@@ -74,13 +74,6 @@ def open_socket(
     return sock
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock``, translating socket failures into pi0remote errors."""
-    while view:
-        n = recv_into(sock, view)
-        view = view[n:]
-
-
 def recv_into(sock: socket.socket, view: memoryview) -> int:
     try:
         n = sock.recv_into(view)

@@ -23,10 +23,6 @@ _KIND_PATHS = {
 MAX_HEAD = 65536
 
 
-def _reply_kind(status: int, ok_kind: int) -> int:
-    return ok_kind if status == 200 else protocol.ERROR
-
-
 def _error_body(status: int, body: bytes) -> bytes:
     """Make sure an error reply decodes to the typed error, whatever the proxy in between sent."""
     try:

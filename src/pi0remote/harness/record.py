@@ -35,7 +35,6 @@ from .eval import (
 
 VIDEO_FPS = 50
 COMPARE_FPS = 25
-PANE_HW = (240, 320)
 
 
 @dataclass
