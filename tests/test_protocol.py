@@ -97,3 +97,21 @@ def test_result_carries_its_own_encode_time() -> None:
     # HTTP carries the body without the kind byte
     plain = protocol.encode_result({"action": np.zeros(2)}, {"policy_ms": 0.0}, started, with_kind=False)
     assert "server_timing" in codec.unpackb(plain)
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 1000, 70000])
+def test_websocket_client_frames_match_the_websockets_serializer(size: int) -> None:
+    """The sync ws client masks scatter-gather parts itself; the bytes must be RFC 6455's frame."""
+    from unittest import mock
+
+    from websockets.frames import Frame, Opcode
+
+    from pi0remote.client.ws import masked_binary_frame
+
+    body = {"x": np.arange(size, dtype=np.uint8), "y": np.arange(40000, dtype=np.uint8)}
+    parts = protocol.encode_message_parts(protocol.INFER, body)
+    with mock.patch("os.urandom", return_value=b"\x01\x02\x03\x04"):
+        ours = b"".join(bytes(p) for p in masked_binary_frame(parts))
+    with mock.patch("secrets.token_bytes", return_value=b"\x01\x02\x03\x04"):
+        reference = Frame(Opcode.BINARY, b"".join(parts)).serialize(mask=True)
+    assert ours == reference

@@ -7,6 +7,7 @@ socket: no background thread and no hand-offs per call. The token goes in the up
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -83,6 +84,35 @@ async def async_websocket_exchange(ws: Any, payload: bytes, timeout: float) -> b
         raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
 
 
+def masked_binary_frame(message: bytes | list) -> list[bytes | memoryview]:
+    """One client-to-server binary WebSocket frame (RFC 6455: FIN, masked) carrying ``message``.
+
+    ``message`` may be a list of buffers (a scatter-gather pi0remote message): each part is masked on
+    its own with the mask rotated to its offset, so the payload is copied once, by the masking itself,
+    instead of being joined, masked and re-buffered. Returns the pieces for one ``sendmsg``.
+    """
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # pure-Python build of websockets
+        from websockets.utils import apply_mask
+    parts = message if isinstance(message, list) else [message]
+    length = sum(len(p) for p in parts)
+    mask = os.urandom(4)
+    if length < 126:
+        header = bytes((0x82, 0x80 | length))
+    elif length < 1 << 16:
+        header = bytes((0x82, 0x80 | 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((0x82, 0x80 | 127)) + length.to_bytes(8, "big")
+    frame: list[bytes | memoryview] = [header + mask]
+    offset = 0
+    for part in parts:
+        shift = offset % 4
+        frame.append(apply_mask(part, mask[shift:] + mask[:shift]))
+        offset += len(part)
+    return frame
+
+
 def upgrade_refused(status: int) -> Exception:
     if status == 401:
         return AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
@@ -97,6 +127,7 @@ def _close_error(code: int | None, reason: str) -> Exception:
 
 class WsTransport(Transport):
     scheme = "ws"
+    accepts_parts = True
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -156,16 +187,14 @@ class WsTransport(Transport):
             self.close()
             raise
 
-    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
         from websockets.frames import Frame, Opcode
 
         if self.sock is None or self.proto is None:
             raise ConnectionLost("not connected")
-        try:
-            self.proto.send_binary(message)
-        except Exception as exc:  # websockets refuses to send on a closing connection
-            raise ConnectionLost(f"WebSocket is closed: {exc}") from exc
-        self._flush()
+        if self.proto.state.name != "OPEN":
+            raise ConnectionLost(f"WebSocket is {self.proto.state.name.lower()}")
+        send_all(self.sock, *masked_binary_frame(message))
         while True:
             for event in self._pump():
                 if not isinstance(event, Frame):
