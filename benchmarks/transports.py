@@ -12,10 +12,9 @@ thread hand-off every real policy pays. docs/benchmarks.md records the results.
 from __future__ import annotations
 
 import argparse
-import json
 
 from pi0remote import connect
-from pi0remote.harness.floor import compare_to_floor, ratio_table
+from pi0remote.harness.floor import compare_to_floor, print_report
 from pi0remote.harness.obs import canonical_obs
 from pi0remote.harness.procs import ServerProcess
 
@@ -44,12 +43,7 @@ def main() -> None:
         finally:
             for client in clients.values():
                 client.close()
-    if args.json:
-        ratios = {k: v / p50["floor"] for k, v in p50.items()}
-        print(json.dumps({"p50_us": p50, "ratio": ratios}, indent=2))
-        return
-    print(about)
-    print(ratio_table(p50, TARGETS))
+    print_report(p50, about, TARGETS, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def test_parse_transports() -> None:
 # -- JPEG payload ---------------------------------------------------------------------------------
 def test_jpeg_fields_are_decoded_by_the_server_before_validation() -> None:
     from pi0remote import codec, connect
-    from pi0remote.jpeg import decode_jpeg, encode_jpeg, jpeg_obs
     from pi0remote.harness.obs import canonical_obs
+    from pi0remote.jpeg import decode_jpeg, encode_jpeg, jpeg_obs
 
     obs = canonical_obs(0)
     smooth = np.broadcast_to(np.linspace(0, 255, 224, dtype=np.uint8), (3, 224, 224)).copy()

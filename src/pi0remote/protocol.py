@@ -275,6 +275,11 @@ class FrameDecoder:
                 if self._body_filled == len(body):
                     self._finish_body()
 
+    @property
+    def has_message(self) -> bool:
+        """True when a complete message waits to be popped."""
+        return bool(self._ready)
+
     def pop(self) -> bytearray | None:
         return self._ready.popleft() if self._ready else None
 

@@ -25,13 +25,25 @@ def host_port(url: str, default_port: int) -> tuple[str, int]:
     return parts.hostname, parts.port or default_port
 
 
-def with_retries(connect: Callable[[], T], what: str, retries: int = DEFAULT_RETRIES) -> T:
-    """Call ``connect`` until it succeeds, at most ``retries + 1`` times with doubling waits."""
+def with_retries(
+    connect: Callable[[], T],
+    what: str,
+    retries: int = DEFAULT_RETRIES,
+    retry_on: tuple[type[BaseException], ...] = (OSError,),
+    give_up_on: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call ``connect`` until it succeeds, at most ``retries + 1`` times with doubling waits.
+
+    Failures of a ``retry_on`` type are retried, except those of a ``give_up_on`` type (a refused
+    certificate will not be accepted on the next try); the last one becomes :class:`ConnectError`.
+    """
     delay = 0.1
     for attempt in range(retries + 1):
         try:
             return connect()
-        except (TimeoutError, ConnectionRefusedError, ConnectionResetError, socket.gaierror, OSError) as exc:
+        except give_up_on:
+            raise
+        except retry_on as exc:
             if attempt == retries:
                 raise ConnectError(
                     f"could not connect to {what} after {retries + 1} attempts: {exc}"
@@ -46,12 +58,15 @@ async def async_with_retries(
     what: str,
     retries: int = DEFAULT_RETRIES,
     retry_on: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError),
+    give_up_on: tuple[type[BaseException], ...] = (),
 ) -> T:
-    """Async twin of :func:`with_retries`: await ``connect()`` until it succeeds, bounded and backing off."""
+    """Async twin of :func:`with_retries`."""
     delay = 0.1
     for attempt in range(retries + 1):
         try:
             return await connect()
+        except give_up_on:
+            raise
         except retry_on as exc:
             if attempt == retries:
                 raise ConnectError(

@@ -34,7 +34,7 @@ from aioquic.quic.connection import QuicConnection
 from .. import protocol
 from .. import quic_common as qc
 from ..errors import ConnectError, ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout
-from ._sock import host_port
+from ._sock import async_with_retries, host_port, with_retries
 from .base import AsyncTransport, Transport, _decode_reply
 
 DEFAULT_PORT = 8766
@@ -297,6 +297,17 @@ class _TcpLink:
             pass
 
 
+def _configure(transport: Any, url: str, kwargs: dict[str, Any]) -> None:
+    """Address, QUIC options and scheme (``quic`` or ``quic+tcp``), the same for both twins."""
+    transport.host, transport.port = host_port(url, DEFAULT_PORT)
+    transport.options = _options(url, kwargs)
+    transport.scheme = "quic+tcp" if transport.options["over_tcp"] else "quic"
+
+
+_RETRY_ON = (ConnectError, ConnectionLost, OSError)
+"""Handshake failures worth another attempt (a refused certificate is not: see open())."""
+
+
 class QuicTransport(Transport):
     """Sync QUIC transport (``quic://`` and ``quic+tcp://``)."""
 
@@ -304,9 +315,7 @@ class QuicTransport(Transport):
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.options = _options(url, kwargs)
-        self.scheme = "quic+tcp" if self.options["over_tcp"] else "quic"
+        _configure(self, url, kwargs)
         burst = kwargs.get("quic_burst_bytes")
         self.burst = qc.BURST_BYTES if burst is None else int(burst)
         self.session: _Session | None = None
@@ -314,22 +323,14 @@ class QuicTransport(Transport):
 
     # -- connection ---------------------------------------------------------------------------------
     def open(self) -> dict[str, Any]:
-        delay = 0.1
-        for attempt in range(self.retries + 1):
+        def attempt() -> None:
             try:
                 self._handshake()
-                break
-            except qc.TlsVerificationError:
+            except BaseException:
                 self.close()
                 raise
-            except (ConnectError, ConnectionLost, OSError) as exc:
-                self.close()
-                if attempt == self.retries:
-                    raise ConnectError(
-                        f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}"
-                    ) from exc
-                time.sleep(delay)
-                delay *= 2
+
+        with_retries(attempt, self.url, self.retries, _RETRY_ON, (qc.TlsVerificationError,))
         try:
             kind, body = self.roundtrip(
                 protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
@@ -410,7 +411,7 @@ class QuicTransport(Transport):
             )
         session.send(message)
         decoder = session.decoder
-        if not self._pump(lambda: bool(decoder._ready), time.monotonic() + self.timeout):
+        if not self._pump(lambda: decoder.has_message, time.monotonic() + self.timeout):
             raise RequestTimeout(f"no reply from {self.url} within {self.timeout:g}s")
         reply = decoder.pop()
         assert reply is not None
@@ -533,29 +534,19 @@ class AsyncQuicTransport(AsyncTransport):
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.options = _options(url, kwargs)
-        self.scheme = "quic+tcp" if self.options["over_tcp"] else "quic"
+        _configure(self, url, kwargs)
         self.driver: _AsyncDriver | None = None
         self.link: Any = None
 
     async def open(self) -> dict[str, Any]:
-        delay = 0.1
-        for attempt in range(self.retries + 1):
+        async def attempt() -> None:
             try:
                 await self._handshake()
-                break
-            except qc.TlsVerificationError:
+            except BaseException:
                 await self.close()
                 raise
-            except (ConnectError, ConnectionLost, OSError) as exc:
-                await self.close()
-                if attempt == self.retries:
-                    raise ConnectError(
-                        f"could not connect to {self.url} after {self.retries + 1} attempts: {exc}"
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay *= 2
+
+        await async_with_retries(attempt, self.url, self.retries, _RETRY_ON, (qc.TlsVerificationError,))
         try:
             kind, body = await self.roundtrip(
                 protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
@@ -635,7 +626,7 @@ class AsyncQuicTransport(AsyncTransport):
         session.send(message)
         driver.transmit()
         decoder = session.decoder
-        if not await self._wait(lambda: bool(decoder._ready), driver.loop.time() + self.timeout):
+        if not await self._wait(lambda: decoder.has_message, driver.loop.time() + self.timeout):
             raise RequestTimeout(f"no reply from {self.url} within {self.timeout:g}s")
         reply = decoder.pop()
         assert reply is not None

@@ -155,3 +155,15 @@ def ratio_table(p50_us: dict[str, float], targets: dict[str, float]) -> str:
         shown = "" if target is None else f"≤{target:g}"
         lines.append(f"{name:{width}} {us:9.1f} {us / floor:8.2f} {shown:>7} {mark}")
     return "\n".join(lines)
+
+
+def print_report(p50_us: dict[str, float], about: str, targets: dict[str, float], *, as_json: bool) -> None:
+    """Print :func:`compare_to_floor`'s result: JSON (p50s and ratios), or ``about`` and the ratio table."""
+    if as_json:
+        import json
+
+        ratios = {k: v / p50_us["floor"] for k, v in p50_us.items()}
+        print(json.dumps({"p50_us": p50_us, "ratio": ratios}, indent=2))
+    else:
+        print(about)
+        print(ratio_table(p50_us, targets))

@@ -363,7 +363,7 @@ class OpenpiConnection(asyncio.Protocol):
                 started = time.perf_counter()
                 try:
                     obs, decode_ms = self._decode(binary, data, started)
-                    result, timing = await self.core.runner.submit(obs)
+                    result, timing = await self.core.runner.submit(obs, id(self))
                     self._reply(result, timing, decode_ms, started)
                 except Exception as exc:
                     self._error(exc)

@@ -103,11 +103,12 @@ class PolicyRunner:
             return self.run_sync(obs)
         loop = asyncio.get_running_loop()
         job = _Job(obs, loop.create_future())
+        self._pending.append(job)
         if self.max_batch > 1:
-            self._last_seen[client if client is not None else id(job)] = job.enqueued
+            if client is not None:  # an unnamed caller cannot be counted as an active robot
+                self._last_seen[client] = job.enqueued
             if self._arrival is not None:
                 self._arrival.set()
-        self._pending.append(job)
         if not self._busy:
             self._busy = True
             loop.create_task(self._drain())
