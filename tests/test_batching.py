@@ -158,3 +158,22 @@ def test_builtin_policies_batch() -> None:
     out = policy.infer_batch([{}] * 4)
     assert len(out) == 4 and 0.039 <= time.perf_counter() - t0 < 0.2
     assert policy.metadata.name == "sleep:20+5"
+
+
+def test_unnamed_callers_do_not_count_as_active_robots() -> None:
+    """Callers that pass no client id (the openpi listener used to) never make a lone request wait."""
+    import asyncio
+
+    from pi0remote.server.runner import PolicyRunner
+
+    async def main() -> list[float]:
+        runner = PolicyRunner(BatchProbe(), max_batch=8, batch_window_ms=200)
+        await asyncio.gather(*(runner.submit(make_obs(i)) for i in range(3)))  # a wave, then lone calls
+        queued = []
+        for i in range(3):
+            _, timing = await runner.submit(make_obs(i))
+            queued.append(timing["queue_ms"])
+        runner.close()
+        return queued
+
+    assert max(asyncio.run(main())) < 50
