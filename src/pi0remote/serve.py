@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, help="pi0: openpi training config name (default pi0_aloha_sim)")
     g.add_argument("--checkpoint", default=None, help="pi0: checkpoint directory or gs:// URL")
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
+    g.add_argument(
+        "--exact",
+        action="store_true",
+        help="pi0: openpi's own Policy.infer steps (bit-identical actions) instead of the fast path",
+    )
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
     g = p.add_argument_group("listeners")
@@ -72,6 +77,8 @@ def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in opts.items() if v is not None}
     if args.random_weights:
         out["random_weights"] = True
+    if args.exact:
+        out["exact"] = True
     return out
 
 
