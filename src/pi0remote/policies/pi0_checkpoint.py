@@ -94,6 +94,11 @@ def _plain_tree(x: Any) -> Any:
     return x
 
 
+def _as_restored(jax: Any, x: Any, restore_type: Any, dtype: Any, sharding: Any) -> Any:
+    x = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
+    return jax.device_put(x, sharding) if restore_type is jax.Array else x
+
+
 def restore_params_compat(
     params_path: Any, *, restore_type: Any = None, dtype: Any = None, sharding: Any = None
 ) -> dict[str, Any]:
@@ -116,7 +121,14 @@ def restore_params_compat(
         args = jax.tree.map(
             lambda _: ocp.ArrayRestoreArgs(sharding=sharding, restore_type=restore_type, dtype=dtype), item
         )
-        params = ckptr.restore(params_path, ocp.args.PyTreeRestore(item=item, restore_args=args))["params"]
+        try:
+            params = ckptr.restore(params_path, ocp.args.PyTreeRestore(item=item, restore_args=args))[
+                "params"
+            ]
+        except (TypeError, ValueError) as exc:  # metadata leaves this orbax will not take back as a target
+            logger.info("orbax restore with the metadata tree failed (%s); restoring the saved tree", exc)
+            params = ckptr.restore(params_path)["params"]
+            params = jax.tree.map(lambda x: _as_restored(jax, x, restore_type, dtype, sharding), params)
     flat = traverse_util.flatten_dict(params)
     if flat and all(kp[-1] == "value" for kp in flat):  # saved by openpi's training (nnx.State leaves)
         flat = {kp[:-1]: v for kp, v in flat.items()}
