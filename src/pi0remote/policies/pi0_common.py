@@ -71,14 +71,20 @@ def _import_openpi(*modules: str) -> list[types.ModuleType]:
 
 
 def _prepare_pytorch_module() -> None:
-    """Let ``openpi.models.model`` import when openpi's PyTorch port cannot.
+    """Let openpi's serving path import where two of its training-side imports cannot.
 
-    ``openpi.models.model`` imports ``openpi.models_pytorch.pi0_pytorch``, which needs the exact transformers
-    version openpi pins. The JAX model never uses it. A real install imports it normally; only when that import
-    fails (say, openpi source on ``sys.path`` next to a newer transformers) is a stand-in registered, whose
-    attributes raise an ImportError that says why (so a PyTorch checkpoint still fails clearly).
+    ``openpi.models.model`` imports openpi's PyTorch port (``openpi.models_pytorch.pi0_pytorch``, which needs the
+    exact transformers openpi pins), and ``openpi.policies.policy_config`` imports LeRobot's dataset module through
+    openpi's training data loader. Serving a JAX checkpoint uses neither. A real install imports them normally;
+    only when an import fails (say, openpi's source on ``sys.path`` next to a newer transformers and no LeRobot)
+    is a stand-in registered, whose attributes raise an ImportError that says why (so a PyTorch checkpoint, or
+    training, still fails clearly).
     """
-    name = "openpi.models_pytorch.pi0_pytorch"
+    _stand_in("openpi.models_pytorch.pi0_pytorch", "openpi's PyTorch model", "only JAX checkpoints load")
+    _stand_in("lerobot.common.datasets.lerobot_dataset", "LeRobot's dataset module", "serving only")
+
+
+def _stand_in(name: str, what: str, consequence: str) -> None:
     if name in sys.modules:
         return
     try:
@@ -86,17 +92,34 @@ def _prepare_pytorch_module() -> None:
         return
     except Exception as exc:  # noqa: BLE001 - any failure of that optional module
         reason = f"{type(exc).__name__}: {exc}"
-    sys.modules.pop(name, None)
-    stub = types.ModuleType(
-        name, f"Stand-in registered by pi0remote; the real module failed to import ({reason})."
-    )
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        mod_name = ".".join(parts[:i])
+        if mod_name in sys.modules and sys.modules[mod_name] is not None and i < len(parts):
+            continue
+        try:
+            if i < len(parts):
+                importlib.import_module(mod_name)
+                continue
+        except Exception:  # noqa: BLE001 - the package itself is missing: stand in for it too
+            pass
+        stub = types.ModuleType(
+            mod_name, f"Stand-in registered by pi0remote ({what} failed to import: {reason})."
+        )
+        if i < len(parts):
+            stub.__path__ = []  # type: ignore[attr-defined]
+        else:
 
-    def __getattr__(attr: str) -> Any:  # noqa: N807
-        raise ImportError(f"openpi's PyTorch model is unavailable here ({reason}); only JAX checkpoints load")
+            def __getattr__(attr: str) -> Any:  # noqa: N807
+                if attr.startswith("__"):
+                    raise AttributeError(attr)
+                raise ImportError(f"{what} is unavailable here ({reason}); {consequence}")
 
-    stub.__getattr__ = __getattr__  # type: ignore[attr-defined]
-    sys.modules[name] = stub
-    logger.warning("openpi's PyTorch model could not be imported (%s); JAX model only", reason)
+            stub.__getattr__ = __getattr__  # type: ignore[attr-defined]
+        sys.modules[mod_name] = stub
+        if i > 1:
+            setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], stub)
+    logger.warning("%s could not be imported (%s); %s", what, reason, consequence)
 
 
 def _device_name(jax: Any) -> str:
