@@ -56,7 +56,8 @@ def latency_breakdown(result: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .bench import STAGE_LABELS, STAGES, describe_config
+    from .bench.config import STAGE_LABELS, STAGES
+    from .bench.report import describe_config
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
