@@ -191,6 +191,24 @@ def choice_list(choices: Sequence[str], *, allow_all: bool = False) -> Callable[
     return parse
 
 
+def policy_name(text: str) -> str:
+    """An argparse ``type`` for ``--policy``: a built-in name, ``sleep:MS[+PER]`` or ``module:attr``."""
+    from .policies import BUILTIN
+
+    if text.startswith("sleep:"):
+        from .policies.builtin import SleepPolicy
+
+        try:
+            SleepPolicy.parse(text.removeprefix("sleep:"))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    if text in BUILTIN or (":" in text and all(text.partition(":")[::2])):
+        return text
+    names = ", ".join([*BUILTIN, "sleep:MS", "sleep:BASE+PER"])
+    raise argparse.ArgumentTypeError(f"unknown policy {text!r}; available: {names}, or module:attr")
+
+
 def netem_spec(text: str) -> str:
     """An argparse ``type`` checking a netem spec (``delay=150ms,jitter=10ms,...``)."""
     from .harness.netem import NetemSpec

@@ -21,7 +21,7 @@ server, baselines), :mod:`.measure` (the loops), :mod:`.report` (summaries, tabl
 
 from __future__ import annotations
 
-from .cli import BenchCommand, add_arguments, config_from_args, execute, main, parse_config, run
+from .cli import BenchCommand, add_arguments, build_parser, config_from_args, execute, main, parse_config, run
 from .config import (
     ALL_TRANSPORTS,
     SCHEMA,
@@ -53,6 +53,7 @@ __all__ = [
     "BenchConfig",
     "Payload",
     "add_arguments",
+    "build_parser",
     "available_transports",
     "call_record",
     "config_from_args",

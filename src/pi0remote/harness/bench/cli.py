@@ -137,6 +137,11 @@ def execute(cmd: BenchCommand) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m pi0remote.bench`` parser (the same flags as ``pi0remote bench``)."""
+    return cli.command_parser("bench", "python -m pi0remote.bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pi0remote.bench``."""
     return cli.command_main("bench", argv, "python -m pi0remote.bench")
