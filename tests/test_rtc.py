@@ -215,3 +215,194 @@ def test_stack_requests_pads_into_model_space():
     assert not batch.prefix[0, 3:].any() and not batch.prefix[0, :, 2:].any() and not batch.prefix[1].any()
     np.testing.assert_array_equal(batch.prefix_len, [3, 0])
     np.testing.assert_array_equal(batch.delay_steps, [1, 0])
+
+
+# ------------------------------------------------------------------------ server: check, toy policy
+
+
+def rtc_field(prefix, d):
+    return {"prefix": np.asarray(prefix, np.float32), "delay_steps": d}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "local"])
+def test_policy_without_rtc_refuses_the_field_and_keeps_serving(probe_server, transport):
+    from conftest import connect_to, make_obs
+
+    with connect_to(probe_server, transport) as client:
+        with pytest.raises(InvalidInputError, match="real-time chunking"):
+            client.infer(make_obs(0, rtc=rtc_field(np.zeros((10, 14)), 2)))
+        assert client.infer(make_obs(1))["action"].shape == (50, 14)
+
+
+@pytest.fixture(scope="module")
+def toy_server():
+    from pi0remote.server import BackgroundServer
+    from rtc_toy import ToyFlowPolicy
+
+    policy = ToyFlowPolicy(seed=1)
+    with BackgroundServer(policy, name="toyflow", http_port=0, tcp_port=0, transports=["tcp"],
+                          max_batch=4) as srv:  # fmt: skip
+        yield srv, policy
+
+
+def state_obs(seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    return {"state": rng.normal(size=14).astype(np.float32), **extra}
+
+
+def test_toy_server_guides_the_head_onto_the_prefix(toy_server):
+    from pi0remote import connect
+
+    srv, _ = toy_server
+    with connect(srv.url("tcp")) as client:
+        assert client.metadata["policy"]["rtc"] is True
+        old = client.infer(state_obs(3))["action"]
+        assert "rtc" not in client.infer(state_obs(3))
+        rest, d = old[10:], 5  # 10 steps executed; the robot expects 5 more before the new chunk
+        guided = client.infer(state_obs(3, rtc=rtc_field(rest, d)))
+        plain = client.infer(state_obs(3))["action"]
+        info = guided["rtc"]
+        assert info["delay_steps"] == d and info["beta"] == 5.0
+        assert info["prefix_error"] == pytest.approx(np.abs(guided["action"][:d] - rest[:d]).max(), rel=1e-5)
+        unguided_error = np.abs(plain[:d] - rest[:d]).max()
+        motion = np.abs(np.diff(old, axis=0)).max()  # the chunk's own step-to-step motion
+        assert unguided_error > 3 * info["prefix_error"]
+        assert info["prefix_error"] < motion
+        with pytest.raises(InvalidInputError):
+            client.infer(state_obs(3, rtc=rtc_field(rest, len(rest) + 1)))
+        assert client.infer(state_obs(4))["action"].shape == (50, 14)
+
+
+def test_toy_batch_mixes_guided_and_unguided_per_sample():
+    from rtc_toy import ToyFlowPolicy
+
+    policy = ToyFlowPolicy(seed=2)
+    old = policy.infer(state_obs(5))["action"]
+    batch = [state_obs(5, rtc=rtc_field(old[4:], 3)), state_obs(5), state_obs(5, rtc=rtc_field(old[20:], 12))]
+    replies = policy.infer_batch(batch)
+    assert policy.calls[-1] == 3 and "rtc" not in replies[1]
+    assert replies[0]["rtc"]["delay_steps"] == 3 and replies[2]["rtc"]["delay_steps"] == 12
+    for reply, rest, d in ((replies[0], old[4:], 3), (replies[2], old[20:], 12)):
+        assert reply["rtc"]["prefix_error"] < np.abs(replies[1]["action"][:d] - rest[:d]).max() / 3
+
+
+def test_serve_flags_reach_the_flow_policy():
+    import os
+    from pathlib import Path
+
+    from pi0remote import connect
+    from pi0remote.harness.procs import ServerProcess
+
+    tests = str(Path(__file__).parent)
+    env = {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    args = ["--policy", "rtc_toy:ToyFlowPolicy", "--rtc-beta", "2.5", "--rtc-schedule", "linear",
+            "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]  # fmt: skip
+    with ServerProcess(args, env=env) as srv, connect(srv.url("tcp")) as client:
+        meta = client.metadata["policy"]
+        assert (meta["rtc_beta"], meta["rtc_schedule"]) == (2.5, "linear")
+        old = client.infer(state_obs(0))["action"]
+        assert client.infer(state_obs(0, rtc=rtc_field(old[8:], 4)))["rtc"]["beta"] == 2.5
+
+
+# ------------------------------------------------------------------------------- broker, rtc=True
+
+
+class RecordingStepPolicy:
+    """``chunk[i] = step + i + 1000 * call`` (each call's chunk disagrees with the last one by 1000);
+    with a prefix, its first d actions copy it (a perfectly guided flow policy)."""
+
+    metadata = {"rtc": True}
+
+    def __init__(self):
+        self.requests = []
+
+    def infer(self, obs):
+        self.requests.append(obs)
+        values = obs["step"] + np.arange(50, dtype=np.float64) + 1000.0 * (len(self.requests) - 1)
+        chunk = np.repeat(values[:, None], 14, axis=1).astype(np.float32)
+        if "rtc" in obs:
+            d = obs["rtc"]["delay_steps"]
+            chunk[:d] = obs["rtc"]["prefix"][:d]
+        return {"action": chunk}
+
+
+def run_broker(broker, ticks, t0=0.0):
+    values = []
+    for k in range(ticks):
+        action = broker.act(lambda k=k: {"step": k}, k, t0 + k * 0.02)
+        values.append(None if action is None else float(action[0]))
+    return values
+
+
+def test_broker_rtc_request_carries_the_rest_and_the_measured_delay():
+    from pi0remote.broker import ActionChunkBroker, SimulatedLatency
+
+    policy = RecordingStepPolicy()
+    broker = ActionChunkBroker(requester=SimulatedLatency(policy, 0.1), prefetch_at=7, rtc=True)  # 5 ticks
+    broker.prime({"step": 0}, 0, 0.0)
+    values = run_broker(broker, 120)
+    first, second, third = policy.requests[:3]
+    assert "rtc" not in first  # nothing queued yet: the warm-start request has no prefix
+    k = second["step"]
+    assert broker.history[1].step == k == 50 - 7  # asked with 7 actions left
+    np.testing.assert_array_equal(second["rtc"]["prefix"][:, 0], np.arange(k, 50))  # chunk 0's rest
+    assert second["rtc"]["delay_steps"] == 5 and second["rtc"]["prefix"].dtype == np.float32
+    assert broker.history[1].rtc_delay_steps == 5 and broker.history[1].rtc_prefix_len == 50 - k
+    assert third["rtc"]["delay_steps"] == 5
+    # the new chunk takes over at the step it was aligned to: k + 5 is chunk 1's first own action
+    assert values[: k + 5] == list(range(k + 5))
+    assert values[k + 5] == 1000.0 + k + 5
+
+
+def test_broker_rtc_delay_is_the_largest_recent_and_clipped():
+    from pi0remote.broker import ActionChunkBroker, SimulatedLatency
+
+    delays = iter([0.1, 0.3, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06])
+    policy = RecordingStepPolicy()
+    broker = ActionChunkBroker(
+        requester=SimulatedLatency(policy, lambda: next(delays)), prefetch_at=20, rtc=True, auto_window=3
+    )
+    broker.prime({"step": 0}, 0, 0.0)
+    run_broker(broker, 200)
+    sent = [r["rtc"]["delay_steps"] for r in policy.requests[1:6]]
+    assert sent == [5, 15, 15, 15, 3]  # max over the last 3 delays: 5; 5,15; 5,15,3; 15,3,3; 3,3,3
+    assert all(0 < r["rtc"]["delay_steps"] <= len(r["rtc"]["prefix"]) for r in policy.requests[1:])
+
+
+def test_broker_rtc_refuses_blending_and_pipelining():
+    from pi0remote.broker import ActionChunkBroker
+
+    with pytest.raises(ValueError):
+        ActionChunkBroker(RecordingStepPolicy(), rtc=True, blend="linear")
+    with pytest.raises(ValueError):
+        ActionChunkBroker(RecordingStepPolicy(), rtc=True, max_in_flight=2)
+
+
+def boundary_jumps(broker, ticks):
+    jumps, prev, chunk = [], None, None
+    for k in range(ticks):
+        action = broker.act(lambda k=k: state_obs(0), k, k * 0.02)
+        current = len([a for a in broker.history if a.arrived_step is not None and not a.superseded])
+        if prev is not None and chunk is not None and current != chunk:
+            jumps.append(float(np.abs(action - prev).max()))
+        prev, chunk = action, current
+    return jumps
+
+
+def test_toy_flow_closed_loop_rtc_switches_without_jumps(toy_server):
+    """A real loopback server, the toy flow policy, 200 ms delays: with rtc the switch to each new chunk
+    is as smooth as the chunk's own motion; keeping the latest chunk jumps by the sampling noise."""
+    from pi0remote import connect
+    from pi0remote.broker import ActionChunkBroker, SimulatedLatency
+
+    srv, _ = toy_server
+    out = {}
+    with connect(srv.url("tcp")) as client:
+        for rtc_on in (False, True):
+            broker = ActionChunkBroker(requester=SimulatedLatency(client, 0.2), prefetch_at=15, rtc=rtc_on)
+            broker.prime(state_obs(0), 0, 0.0)
+            out[rtc_on] = boundary_jumps(broker, 200)
+            replies = [a.reply for a in broker.history[1:]]
+            assert all(("rtc" in r) == rtc_on for r in replies)
+    assert len(out[True]) >= 4 and len(out[False]) >= 4
+    assert max(out[True]) < 0.5 * float(np.median(out[False]))

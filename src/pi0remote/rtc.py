@@ -285,6 +285,31 @@ def sample(velocity_fn: Callable[[Any, Any], Any], noise: Any, *, num_steps: int
     return jax.lax.fori_loop(0, num_steps, step, x)
 
 
+def jit_samplers(
+    velocity: Callable[[Any, Any, Any], Any], *, num_steps: int, schedule: str = DEFAULT_SCHEDULE
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Jitted ``plain(cond, noise)`` and ``guided(cond, noise, prefix, prefix_len, delay_steps, beta,
+    dim_mask)`` for a conditioned velocity ``velocity(cond, x_t, t)`` (``cond``: any pytree, e.g. a
+    policy's parameters and observation features). One compilation per batch shape, whatever the
+    per-sample ``d``, ``n`` and prefix."""
+    import jax
+
+    check_schedule(schedule)
+
+    def plain(cond: Any, noise: Any) -> Any:
+        return sample(lambda x, t: velocity(cond, x, t), noise, num_steps=num_steps)
+
+    def guided(
+        cond: Any, noise: Any, prefix: Any, prefix_len: Any, delay_steps: Any, beta: Any, mask: Any
+    ) -> Any:
+        return guided_sample(
+            lambda x, t: velocity(cond, x, t), noise, num_steps=num_steps, prefix=prefix,
+            prefix_len=prefix_len, delay_steps=delay_steps, beta=beta, schedule=schedule, dim_mask=mask,
+        )  # fmt: skip
+
+    return jax.jit(plain), jax.jit(guided)
+
+
 __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_SCHEDULE",
@@ -298,6 +323,7 @@ __all__ = [
     "dim_mask",
     "guidance_weight",
     "guided_sample",
+    "jit_samplers",
     "parse_rtc",
     "prefix_error",
     "prefix_weights",

@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
+    g = p.add_argument_group("real-time chunking (flow policies: pi0, flow; docs/rtc.md)")
+    g.add_argument(
+        "--rtc-beta", type=float, default=None, metavar="BETA",
+        help="guidance clip β for requests carrying 'rtc' (default 5)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rtc-schedule", choices=("exp", "linear"), default=None,
+        help="soft prefix mask past the delay (default exp)",
+    )  # fmt: skip
     g = p.add_argument_group("listeners")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument(
@@ -61,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RTC_POLICIES = ("pi0", "flow")
+"""Built-in flow policies: they get ``rtc_beta`` / ``rtc_schedule`` (a ``module:attr`` policy only when set)."""
+
+
+def rtc_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``rtc_beta`` and ``rtc_schedule`` for a flow policy's factory (checked here)."""
+    from .rtc import DEFAULT_BETA, DEFAULT_SCHEDULE, check_beta
+
+    if args.policy not in RTC_POLICIES and ":" not in args.policy:
+        return {}
+    out = {"rtc_beta": args.rtc_beta, "rtc_schedule": args.rtc_schedule}
+    if args.policy in RTC_POLICIES:
+        out["rtc_beta"] = DEFAULT_BETA if args.rtc_beta is None else args.rtc_beta
+        out["rtc_schedule"] = args.rtc_schedule or DEFAULT_SCHEDULE
+    out = {k: v for k, v in out.items() if v is not None}
+    if "rtc_beta" in out:
+        out["rtc_beta"] = check_beta(out["rtc_beta"])
+    return out
+
+
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options a policy factory gets: only those the user set."""
     opts = {
@@ -91,6 +120,7 @@ async def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         options = {}
+    options.update(rtc_options(args))
     policy = load_policy(args.policy, **options)
     quic_options = {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {}
     server = PolicyServer(
