@@ -406,3 +406,54 @@ def test_toy_flow_closed_loop_rtc_switches_without_jumps(toy_server):
             assert all(("rtc" in r) == rtc_on for r in replies)
     assert len(out[True]) >= 4 and len(out[False]) >= 4
     assert max(out[True]) < 0.5 * float(np.median(out[False]))
+
+
+# --------------------------------------------------------------------------- harness: --exec rtc
+
+
+def test_cli_accepts_the_rtc_strategies():
+    from pi0remote.eval import build_parser, latency_options
+    from pi0remote.harness.clock import split_strategy
+
+    parser = build_parser()
+    args = [
+        "--policy",
+        "flow",
+        "--sweep-latency",
+        "0,300",
+        "--exec",
+        "blocking,async-latest,async-linear,rtc",
+    ]
+    assert latency_options(parser, parser.parse_args(args))["strategies"][-1] == "rtc"
+    single = latency_options(
+        parser, parser.parse_args(["--policy", "flow", "--latency", "300ms", "--exec", "rtc"])
+    )
+    assert (single["strategy"], single["clock"]) == ("rtc", "realtime")
+    assert split_strategy("async-linear") == ("async", "linear") and split_strategy("rtc") == (
+        "rtc",
+        "latest",
+    )
+    with pytest.raises(SystemExit):
+        latency_options(parser, parser.parse_args(["--policy", "flow", "--exec", "rtc-linear"]))
+
+
+def test_sweep_rtc_against_async_on_the_toy_flow_policy(tmp_path):
+    """The harness sweep with the toy flow policy on a fake environment: rtc switches chunks with a
+    smaller jump than async-latest and reports its prefix error; a policy without rtc is refused."""
+    pytest.importorskip("matplotlib")
+    from pi0remote.harness.eval import DirectPolicy, EvalConfig
+    from pi0remote.harness.sweep import run_sweep
+    from rtc_toy import ToyFlowPolicy
+    from test_realtime_eval import FakeEnv, StepPolicy
+
+    cfg = EvalConfig(images=False, max_steps=150, episodes=2, out=str(tmp_path))
+    client = DirectPolicy(ToyFlowPolicy(seed=3), "toyflow")
+    _, doc = run_sweep("toyflow", cfg, [200.0], ["async-latest", "async-linear", "rtc"], client=client,
+                       env=FakeEnv())  # fmt: skip
+    points = {p["strategy"]: p for p in doc["points"]}
+    assert points["rtc"]["boundary_jump_rad_mean"] < 0.3 * points["async-latest"]["boundary_jump_rad_mean"]
+    assert points["rtc"]["prefix_error_max_mean"] is not None
+    assert points["async-latest"]["prefix_error_max_mean"] is None
+    assert points["rtc"]["stall_fraction"] == 0.0
+    with pytest.raises(SystemExit, match="rtc"):
+        run_sweep("steps", cfg, [200.0], ["rtc"], client=StepPolicy(), env=FakeEnv())
