@@ -42,14 +42,14 @@ def velocity(cond: Any, x: Any, t: Any) -> Any:
 class ToyFlowPolicy:
     def __init__(self, rtc_beta: float = rtc.DEFAULT_BETA, rtc_schedule: str = "exp", num_steps: int = 10,
                  seed: int = 0) -> None:  # fmt: skip
-        self.beta = rtc.check_beta(rtc_beta)
-        self.schedule = rtc.check_schedule(rtc_schedule)
         self.rng = np.random.default_rng(seed)
-        self.plain, self.guided = rtc.jit_samplers(velocity, num_steps=num_steps, schedule=self.schedule)
-        self.mask = rtc.dim_mask(A, MODEL_DIM)
+        self.guidance = rtc.FlowGuidance(
+            velocity, num_steps=num_steps, horizon=H, action_dim=A, model_dim=MODEL_DIM, beta=rtc_beta,
+            schedule=rtc_schedule,
+        )  # fmt: skip
         self.metadata = PolicyMetadata(
             name="toyflow", input_spec={"state": ArraySpec("float32", (A,))}, action_shape=(H, A),
-            action_horizon=H, extra={"rtc": True, "rtc_beta": self.beta, "rtc_schedule": self.schedule},
+            action_horizon=H, extra=self.guidance.metadata_extra,
         )  # fmt: skip
         self.calls: list[int] = []
 
@@ -59,22 +59,12 @@ class ToyFlowPolicy:
     def infer_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for obs in batch:
             validate_obs(obs, self.metadata.input_spec)
-        requests = [rtc.parse_rtc(obs, H, A) for obs in batch]
-        cond = np.zeros((len(batch), MODEL_DIM), np.float32)
-        cond[:, :A] = np.stack([obs["state"] for obs in batch]) / SCALE
-        noise = self.rng.standard_normal((len(batch), H, MODEL_DIM)).astype(np.float32)
-        stacked = rtc.stack_requests(requests, H, MODEL_DIM, to_model=lambda p: p / SCALE)
-        if stacked.any:
-            out = self.guided(cond, noise, stacked.prefix, stacked.prefix_len, stacked.delay_steps,
-                              self.beta, self.mask)  # fmt: skip
-        else:
-            out = self.plain(cond, noise)
+        requests = self.guidance.parse(batch)
+        size = 1 << max(0, (len(batch) - 1).bit_length())  # padded like a real policy's batch buckets
+        cond = np.zeros((size, MODEL_DIM), np.float32)
+        cond[: len(batch), :A] = np.stack([obs["state"] for obs in batch]) / SCALE
+        noise = self.rng.standard_normal((size, H, MODEL_DIM)).astype(np.float32)
+        out = self.guidance.sample(cond, noise, requests, to_model=lambda p: p / SCALE)
         self.calls.append(len(batch))
-        actions = np.asarray(out)[:, :, :A] * SCALE
-        replies = []
-        for chunk, req in zip(actions, requests, strict=True):
-            reply: dict[str, Any] = {"action": chunk.astype(np.float32)}
-            if req is not None:
-                reply["rtc"] = rtc.rtc_reply(req, self.beta, chunk)
-            replies.append(reply)
-        return replies
+        actions = np.asarray(out)[: len(batch), :, :A] * SCALE
+        return self.guidance.replies(actions, requests)

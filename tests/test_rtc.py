@@ -457,3 +457,11 @@ def test_sweep_rtc_against_async_on_the_toy_flow_policy(tmp_path):
     assert points["rtc"]["stall_fraction"] == 0.0
     with pytest.raises(SystemExit, match="rtc"):
         run_sweep("steps", cfg, [200.0], ["rtc"], client=StepPolicy(), env=FakeEnv())
+
+
+def test_rtc_module_imports_without_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, pi0remote.rtc, pi0remote.serve, pi0remote.broker; assert 'jax' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -310,9 +310,65 @@ def jit_samplers(
     return jax.jit(plain), jax.jit(guided)
 
 
+class FlowGuidance:
+    """What a flow policy needs to honour ``rtc`` in ``infer_batch`` (π₀'s helper, the ``flow`` policy).
+
+    ``velocity(cond, x_t, t)``: the policy's pure velocity in model space (``cond``: any pytree, e.g.
+    ``(params, features)``); ``horizon`` H, ``action_dim`` the robot's A, ``model_dim`` the model's
+    (padded) action size. ``metadata_extra`` goes into the policy's metadata; per batch, :meth:`parse`
+    checks the requests, :meth:`sample` runs one jitted call (guided when any sample carries ``rtc``,
+    otherwise the plain sampler) and :meth:`replies` adds each reply's ``rtc`` entry.
+    """
+
+    def __init__(
+        self, velocity: Callable[[Any, Any, Any], Any], *, num_steps: int, horizon: int, action_dim: int,
+        model_dim: int | None = None, beta: float = DEFAULT_BETA, schedule: str = DEFAULT_SCHEDULE,
+    ) -> None:  # fmt: skip
+        self.beta, self.schedule = check_beta(beta), check_schedule(schedule)
+        self.horizon, self.action_dim = int(horizon), int(action_dim)
+        self.model_dim = int(model_dim or action_dim)
+        self.mask = dim_mask(self.action_dim, self.model_dim)
+        self.plain, self.guided = jit_samplers(velocity, num_steps=num_steps, schedule=self.schedule)
+
+    @property
+    def metadata_extra(self) -> dict[str, Any]:
+        return {RTC_KEY: True, "rtc_beta": self.beta, "rtc_schedule": self.schedule}
+
+    def parse(self, batch: Sequence[Mapping[str, Any]]) -> list[RtcRequest | None]:
+        return [parse_rtc(obs, self.horizon, self.action_dim) for obs in batch]
+
+    def sample(
+        self, cond: Any, noise: Any, requests: Sequence[RtcRequest | None],
+        to_model: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Any:  # fmt: skip
+        """Model-space chunks [B, H, model_dim]; ``requests`` may be shorter than B (padding rows are
+        unguided). ``to_model`` maps a robot-unit prefix into model space (the policy's normalization)."""
+        b = int(np.shape(noise)[0])
+        if not any(r is not None for r in requests):
+            return self.plain(cond, noise)
+        padded = list(requests) + [None] * (b - len(requests))
+        stacked = stack_requests(padded, self.horizon, self.model_dim, to_model)
+        return self.guided(
+            cond, noise, stacked.prefix, stacked.prefix_len, stacked.delay_steps, self.beta, self.mask
+        )
+
+    def replies(
+        self, chunks: Sequence[np.ndarray], requests: Sequence[RtcRequest | None]
+    ) -> list[dict[str, Any]]:
+        """``{"action": chunk}`` per sample (robot units), plus ``rtc`` where the request carried it."""
+        out = []
+        for chunk, req in zip(chunks, requests, strict=False):
+            reply: dict[str, Any] = {"action": np.ascontiguousarray(chunk, dtype=np.float32)}
+            if req is not None:
+                reply[RTC_KEY] = rtc_reply(req, self.beta, chunk)
+            out.append(reply)
+        return out
+
+
 __all__ = [
     "DEFAULT_BETA",
     "DEFAULT_SCHEDULE",
+    "FlowGuidance",
     "RTC_KEY",
     "SCHEDULES",
     "RtcBatch",
