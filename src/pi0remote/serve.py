@@ -53,6 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
+    g = p.add_argument_group("real-time chunking (flow policies: pi0, flow; docs/rtc.md)")
+    g.add_argument(
+        "--rtc-beta", type=float, default=None, metavar="BETA",
+        help="guidance clip β for requests carrying 'rtc' (default 5)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rtc-schedule", choices=("exp", "linear"), default=None,
+        help="soft prefix mask past the delay (default exp)",
+    )  # fmt: skip
     g = p.add_argument_group("listeners (see 'Which listeners open' above)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
@@ -84,6 +93,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", default=None, help="PEM private key for --cert")
     g.add_argument("--quic-max-datagram", type=int, default=None, help="QUIC datagram size over UDP")
     cli.add_output(p, out=None, json=False, progress=False)
+
+
+RTC_POLICIES = ("pi0", "flow")
+"""Built-in flow policies: they get ``rtc_beta`` / ``rtc_schedule`` (a ``module:attr`` policy only when set)."""
+
+
+def rtc_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``rtc_beta`` and ``rtc_schedule`` for a flow policy's factory (checked here)."""
+    from .rtc import DEFAULT_BETA, DEFAULT_SCHEDULE, check_beta
+
+    if args.policy not in RTC_POLICIES and ":" not in args.policy:
+        return {}
+    out = {"rtc_beta": args.rtc_beta, "rtc_schedule": args.rtc_schedule}
+    if args.policy in RTC_POLICIES:
+        out["rtc_beta"] = DEFAULT_BETA if args.rtc_beta is None else args.rtc_beta
+        out["rtc_schedule"] = args.rtc_schedule or DEFAULT_SCHEDULE
+    out = {k: v for k, v in out.items() if v is not None}
+    if "rtc_beta" in out:
+        out["rtc_beta"] = check_beta(out["rtc_beta"])
+    return out
 
 
 @dataclass
@@ -134,6 +163,7 @@ def policy_options(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]
     elif out:
         notes.append(f"ignoring π₀ options {sorted(out)} for --policy {args.policy}")
         out = {}
+    out.update(rtc_options(args))
     return out
 
 

@@ -21,7 +21,7 @@ from ..errors import (
     RemotePolicyError,
     ServerError,
 )
-from ..policies import PolicyMetadata, policy_metadata, validate_obs
+from ..policies import PolicyMetadata, policy_metadata, validate_request
 from .runner import PolicyRunner
 
 
@@ -104,7 +104,7 @@ class ServerCore:
             from ..jpeg import decode_jpeg_fields
 
             decode_jpeg_fields(obs)
-        validate_obs(obs, self.meta.input_spec)
+        validate_request(obs, self.meta)  # input spec; 'rtc' only for policies that declare it
         return obs
 
     def _reply(self, result: Any, timing: dict[str, float], started: float, with_kind: bool) -> bytes:
