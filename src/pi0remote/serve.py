@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds"
     )
+    from .server.limits import add_limit_arguments
+
+    add_limit_arguments(p.add_argument_group("limits (docs/security.md)"))
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
     g.add_argument(
@@ -91,6 +94,10 @@ async def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         options = {}
+    from .server.limits import limits_from_args, resolve_token
+
+    token = resolve_token(args.token, getattr(args, "token_file", None))
+    limits = limits_from_args(args)
     policy = load_policy(args.policy, **options)
     quic_options = {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {}
     server = PolicyServer(
@@ -102,7 +109,8 @@ async def run(args: argparse.Namespace) -> int:
         quic_port=args.quic_port,
         openpi_port=args.openpi_port,
         transports=transports,
-        token=args.token,
+        token=token,
+        limits=limits,
         max_message_bytes=int(args.max_message_mb * 2**20),
         idle_timeout=args.idle_timeout or None,
         max_batch=args.max_batch,

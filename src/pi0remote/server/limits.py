@@ -40,8 +40,8 @@ class Limits:
     """Replies buffered for one client that does not read; beyond this the connection is dropped."""
     write_stall_timeout: float = 30.0
     """Seconds a client may leave its replies unread (reading paused) before it is dropped."""
-    policy_timeout: float | None = None
-    """Server-side deadline per policy call; None: no deadline. A stuck call marks the server unhealthy."""
+    policy_timeout: float | None = 20.0
+    """Server-side deadline per policy call (None or 0: none). A stuck call marks the server unhealthy."""
     max_jpeg_pixels: int = 4096 * 4096
     """Largest JPEG (width x height, read from its header) decoded when the input spec does not say."""
     quic_max_half_open: int = 256
@@ -58,6 +58,45 @@ class Limits:
         if unknown:
             raise ValueError(f"unknown limits {sorted(unknown)}; known: {sorted(known)}")
         return cls(**options)
+
+
+_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--max-connections", "max_connections", int, "open connections, all transports (0: no bound)"),
+    ("--max-connections-per-ip", "max_connections_per_ip", int, "open connections per source address"),
+    ("--preauth-bytes", "preauth_bytes", int, "bytes a connection may send before authenticating"),
+    ("--handshake-timeout", "handshake_timeout", float, "seconds to authenticate / finish an HTTP head"),
+    ("--max-outbound-mb", "max_outbound_bytes", float, "unread reply MiB per client before it is dropped"),
+    ("--write-stall-timeout", "write_stall_timeout", float, "seconds a client may leave replies unread"),
+    ("--policy-timeout", "policy_timeout", float, "deadline per policy call in seconds (0: none)"),
+    ("--max-jpeg-pixels", "max_jpeg_pixels", int, "largest JPEG (width x height) the spec leaves open"),
+    ("--quic-max-half-open", "quic_max_half_open", int, "QUIC connections still in their handshake"),
+    ("--quic-retry-threshold", "quic_retry_threshold", int, "half-open QUIC connections before Retry"),
+]
+
+
+def add_limit_arguments(group: Any) -> None:
+    """The ``--max-connections`` ... ``--quic-retry-threshold`` flags, on an argparse group."""
+    defaults = Limits()
+    for flag, name, kind, text in _FLAGS:
+        default = getattr(defaults, name)
+        if name == "max_outbound_bytes":
+            default = default / 2**20
+        shown = (
+            "" if default is None else f" (default {default:g})" if kind is float else f" (default {default})"
+        )
+        metavar = "S" if "timeout" in name else "MB" if kind is float and "bytes" in name else "N"
+        group.add_argument(
+            flag, dest=f"limit_{name}", type=kind, default=default, metavar=metavar, help=text + shown
+        )
+
+
+def limits_from_args(args: Any) -> Limits:
+    """The :class:`Limits` of parsed :func:`add_limit_arguments` flags."""
+    values = {name: getattr(args, f"limit_{name}") for _, name, _, _ in _FLAGS}
+    values["max_outbound_bytes"] = int(values["max_outbound_bytes"] * 2**20)
+    if not values["policy_timeout"]:
+        values["policy_timeout"] = None
+    return Limits(**values)
 
 
 def fd_soft_limit() -> int | None:
@@ -191,4 +230,12 @@ def resolve_token(
     return None
 
 
-__all__ = ["ConnectionGate", "Limits", "TOKEN_ENV", "quiet_accept_errors", "resolve_token"]
+__all__ = [
+    "ConnectionGate",
+    "Limits",
+    "TOKEN_ENV",
+    "add_limit_arguments",
+    "limits_from_args",
+    "quiet_accept_errors",
+    "resolve_token",
+]
