@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds"
     )
+    from .server.limits import add_limit_arguments
+
+    add_limit_arguments(p.add_argument_group("limits (docs/security.md)"))
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
     g.add_argument(
@@ -179,6 +182,7 @@ def config_from_args(args: argparse.Namespace, parser: Any = None) -> ServeConfi
         "key": args.key,
         "quic_options": {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {},
         "debug": args.debug,
+        "limits": limits_from_args(args),
     }
     return ServeConfig(
         policy=args.policy, policy_options=policy_options(args, notes), host=args.host, transports=transports,
