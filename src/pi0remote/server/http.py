@@ -14,7 +14,14 @@ import json
 from typing import Any
 
 from .. import protocol
-from ..errors import AuthenticationError, MessageTooLarge, Pi0RemoteError, ProtocolError, to_wire
+from ..errors import (
+    AuthenticationError,
+    MessageTooLarge,
+    Pi0RemoteError,
+    ProtocolError,
+    TransportMismatch,
+    to_wire,
+)
 from .connection import MessageConnection, linger_close, set_nodelay
 from .core import ServerCore, Session
 
@@ -33,6 +40,16 @@ _STATUS = {
     503: "Service Unavailable",
 }
 _ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "server": 500}
+
+
+def _not_http(data: bytes | bytearray) -> Pi0RemoteError:
+    """What a client that sent non-HTTP bytes (a pi0remote TCP frame, TLS) to this port is told."""
+    if len(data) >= 5 and data[4] in protocol.KIND_NAMES:
+        return TransportMismatch(
+            "a pi0remote TCP frame reached the HTTP/WebSocket port: use an http:// or ws:// URL here, "
+            "or tcp:// with the server's TCP port"
+        )
+    return ProtocolError("malformed HTTP request line")
 
 
 def status_for(exc: BaseException) -> int:
@@ -143,6 +160,9 @@ class HttpProtocol(asyncio.Protocol):
     def _process(self) -> None:
         while self.transport is not None and not self.busy and self.ws is None:
             if self.request is None:
+                if self.buf and not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so: fail fast
+                    self._respond_error(400, _not_http(self.buf), close=True)
+                    return
                 end = self.buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(self.buf) > MAX_HEAD_BYTES:

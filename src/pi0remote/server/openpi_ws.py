@@ -34,7 +34,6 @@ import traceback
 from collections import deque
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from .. import codec
@@ -54,58 +53,15 @@ ERROR_PREFIX = "pi0remote "
 """Error text frames read ``pi0remote CODE error: MESSAGE`` (then a traceback with ``--debug``)."""
 
 
-# -- openpi's msgpack layout ------------------------------------------------------------------------------
-def _openpi_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in codec.ALLOWED_KINDS:
-            raise CodecError(
-                f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
-            )
-        if not obj.flags.c_contiguous:
-            obj = np.ascontiguousarray(obj)
-        data = memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes()
-        return {b"__ndarray__": True, b"data": data, b"dtype": obj.dtype.str, b"shape": obj.shape}
-    if isinstance(obj, np.generic):
-        if obj.dtype.kind not in codec.ALLOWED_KINDS:
-            raise CodecError(f"cannot send numpy scalars of dtype {obj.dtype}")
-        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    raise CodecError(f"cannot encode objects of type {type(obj).__name__}")
-
-
+# -- openpi's msgpack layout: the codec's ``layout="openpi"`` -------------------------------------------------
 def openpi_packb(obj: Any) -> bytes:
     """msgpack in openpi's layout: arrays as ``__ndarray__`` maps, numpy scalars as ``__npgeneric__``."""
-    try:
-        return msgpack.packb(obj, default=_openpi_default, use_bin_type=True)
-    except CodecError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"cannot encode payload: {exc}") from exc
-
-
-def _openpi_hook(obj: dict) -> Any:
-    # openpi writes a numpy scalar's value as a plain msgpack number (``item()``), not as bytes.
-    if obj.get(b"__npgeneric__") is True and not isinstance(obj.get(b"data"), (bytes, bytearray, memoryview)):
-        value = obj.get(b"data")
-        dtype = codec._checked_dtype(obj.get(b"dtype"))
-        if not isinstance(value, (bool, int, float)):
-            raise CodecError(f"bad numpy scalar value {value!r:.40}")
-        try:
-            return dtype.type(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
-    return codec._decode_hook(obj)
+    return codec.packb(obj, layout="openpi")
 
 
 def openpi_unpackb(data: bytes | bytearray | memoryview) -> Any:
     """Decode openpi's layout (and pi0remote's own): arrays come back as read-only views, never pickles."""
-    try:
-        return msgpack.unpackb(data, object_hook=_openpi_hook, raw=False)
-    except CodecError:
-        raise
-    except (msgpack.UnpackException, ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
-        raise CodecError(f"malformed msgpack payload: {exc}") from exc
+    return codec.unpackb(data)
 
 
 # -- observation and reply mapping -------------------------------------------------------------------------
