@@ -1,8 +1,9 @@
 """HTTP/1.1 and WebSocket on one port.
 
 ``POST /infer`` (msgpack body in, msgpack reply out), ``POST /reset``, ``GET /metadata``,
-``GET /healthz`` and ``GET /ws`` (WebSocket upgrade; the WebSocket side is the ``websockets``
-package's sans-I/O protocol). Persistent connections, ``Expect: 100-continue``, bodies bounded by the
+``GET /healthz`` (all answered by :meth:`ServerCore.handle_http`, the dispatch the ASGI app of a
+deployment shares) and ``GET /ws`` (WebSocket upgrade; the WebSocket side is the ``websockets``
+package's sans-I/O protocol, its messages go to :meth:`ServerCore.handle` like TCP's). Persistent connections, ``Expect: 100-continue``, bodies bounded by the
 server's message size limit. A small hand-written HTTP/1.1 parser instead of an ASGI stack: it serves
 only these endpoints and costs a fraction of a framework's per-request Python (docs/decisions.md).
 """
@@ -15,7 +16,6 @@ from typing import Any
 
 from .. import protocol
 from ..errors import (
-    AuthenticationError,
     MessageTooLarge,
     Pi0RemoteError,
     ProtocolError,
@@ -23,7 +23,7 @@ from ..errors import (
     to_wire,
 )
 from .connection import MessageConnection, linger_close, set_nodelay
-from .core import ServerCore, Session
+from .core import ServerCore, Session, status_for
 
 MAX_HEAD_BYTES = 16384
 
@@ -39,7 +39,6 @@ _STATUS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "server": 500}
 
 
 def _not_http(data: bytes | bytearray) -> Pi0RemoteError:
@@ -50,11 +49,6 @@ def _not_http(data: bytes | bytearray) -> Pi0RemoteError:
             "or tcp:// with the server's TCP port"
         )
     return ProtocolError("malformed HTTP request line")
-
-
-def status_for(exc: BaseException) -> int:
-    code = exc.code if isinstance(exc, Pi0RemoteError) else "policy"
-    return _ERROR_STATUS.get(code, 400)
 
 
 class _Request:
@@ -227,52 +221,18 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(status, "application/msgpack", protocol.codec.packb(body), close=close)
 
     def _dispatch(self, request: _Request, body: bytes) -> None:
-        close = not self._keep_alive(request)
-        path, method = request.path, request.method
-        if path == "/healthz":
-            ready = self.core.ready
-            payload = json.dumps({"status": "ok" if ready else "starting"}).encode()
-            self._respond(200 if ready else 503, "application/json", payload, close=close)
-            return
-        if path not in ("/infer", "/metadata", "/reset", "/ws"):
-            self._respond_error(404, ProtocolError(f"no endpoint {path}"), close=close, request=request)
-            return
-        if not self.core.check_bearer(request.headers.get("authorization")):
-            self._respond_error(
-                401, AuthenticationError("missing or wrong token"), close=close, request=request
-            )
-            return
-        if path == "/metadata" and method == "GET":
-            if "application/json" in request.headers.get("accept", ""):
-                self._respond(200, "application/json", json.dumps(self.core.metadata()).encode(), close=close)
-            else:
-                self._respond(200, "application/msgpack", self.core.metadata_body(), close=close)
-            return
-        expected = {"/infer": "POST", "/reset": "POST", "/ws": "GET"}.get(path)
-        if method != expected:
-            self._respond_error(405, ProtocolError(f"{path} takes {expected}"), close=close, request=request)
-            return
-        if path == "/ws":
-            self._respond_error(
-                400, ProtocolError("/ws needs a WebSocket upgrade"), close=close, request=request
-            )
-            return
-        kind = protocol.INFER if path == "/infer" else protocol.RESET
+        """Every endpoint is the core's (:meth:`ServerCore.handle_http`); this only writes the reply."""
         self.busy = True
         if self.conn is not None:
             self.conn.suspend_idle_timer()
-        asyncio.get_running_loop().create_task(self._run(kind, body, close, request))
+        asyncio.get_running_loop().create_task(self._run(request, body))
 
-    async def _run(self, kind: int, body: bytes, close: bool, request: _Request) -> None:
+    async def _run(self, request: _Request, body: bytes) -> None:
         try:
-            if kind == protocol.INFER:
-                reply = await self.core.infer(body, with_kind=False, client=id(self))
-            else:
-                await self.core.runner.areset()
-                reply = protocol.codec.packb({})
-            self._respond(200, "application/msgpack", reply, close=close)
-        except Exception as exc:
-            self._respond_error(status_for(exc), exc, close=close, request=request)
+            reply = await self.core.handle_http(
+                request.method, request.path, request.headers, body, client=id(self)
+            )
+            self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
         finally:
             self.busy = False
         if self.transport is not None and self.buf:
@@ -372,3 +332,21 @@ class WebSocketSession:
 
     def connection_lost(self) -> None:
         self.conn.connection_lost()
+
+
+async def start(core: ServerCore, options: Any) -> Any:
+    """The ``http://`` and ``ws://`` listener on one port (:mod:`pi0remote.server.listener` protocol)."""
+    from .listener import StreamListener
+
+    loop = asyncio.get_running_loop()
+    kwargs = options.listener_kwargs()
+    srv = await loop.create_server(
+        lambda: HttpProtocol(core, debug=options.debug, **kwargs), options.host, options.port
+    )
+    listener = StreamListener(core, srv, [])
+    base = f"{options.url_host}:{listener.port}"
+    if "http" in options.transports:
+        listener.urls.append(f"http://{base}")
+    if "ws" in options.transports:
+        listener.urls.append(f"ws://{base}/ws")
+    return listener

@@ -22,7 +22,9 @@ Auth: when the server has a token, the upgrade request must carry it as ``Author
 refused with HTTP 401.
 
 The WebSocket side is the ``websockets`` package's sans-I/O ``ServerProtocol`` driven by a plain asyncio
-protocol, like the ``/ws`` endpoint of :mod:`pi0remote.server.http`.
+protocol, like the ``/ws`` endpoint of :mod:`pi0remote.server.http`. Requests run through the core's own
+decode-validate-run path with :class:`OpenpiDialect` (codec layout ``openpi`` + openpi's observation and
+reply mapping); this module never drives the policy runner itself.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import numpy as np
 
 from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
-from ..policies import validate_obs
 from .connection import set_nodelay
 from .core import ServerCore
 
@@ -124,7 +125,30 @@ def openpi_reply(
     s_timing.update(timing)
     s_timing["total_ms"] = (time.perf_counter() - started) * 1000.0
     out = {"actions": actions, **reply, "policy_timing": p_timing, "server_timing": s_timing}
-    return openpi_packb(out)
+    return codec.packb(out, layout="openpi")
+
+
+class OpenpiDialect:
+    """openpi's protocol on the core (:class:`~pi0remote.server.core.Dialect`): its codec layout and
+    its observation / reply mapping. One per connection: a reply reports the previous one's total time."""
+
+    layout = "openpi"
+
+    def __init__(self) -> None:
+        self.prev_total_ms: float | None = None
+        self._started: float | None = None
+
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+        return from_openpi_obs(codec.unpackb(body), input_spec)
+
+    def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
+        self._started = started
+        return openpi_reply(result, timing, started, self.prev_total_ms)
+
+    def sent(self) -> None:
+        """The reply went out: its total time is reported with the next one (as openpi's server does)."""
+        if self._started is not None:
+            self.prev_total_ms = (time.perf_counter() - self._started) * 1000.0
 
 
 def error_text(exc: BaseException, debug: bool) -> str:
@@ -172,7 +196,7 @@ class OpenpiConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
-        self._prev_total_ms: float | None = None
+        self.dialect = OpenpiDialect()
 
     # -- transport callbacks --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -253,10 +277,11 @@ class OpenpiConnection(asyncio.Protocol):
             return
         self.open = True
         try:
-            metadata = openpi_packb(self.core.metadata())
+            metadata = codec.packb(self.core.metadata(), layout="openpi")
         except CodecError:
-            metadata = openpi_packb(
-                {k: v for k, v in self.core.metadata().items() if k in ("protocol", "server")}
+            metadata = codec.packb(
+                {k: v for k, v in self.core.metadata().items() if k in ("protocol", "server")},
+                layout="openpi",
             )
         self.proto.send_binary(metadata)
         self._set_timer(PING_INTERVAL, self._keepalive)
@@ -298,13 +323,10 @@ class OpenpiConnection(asyncio.Protocol):
     def _message(self, binary: bool, data: bytes) -> None:
         if self.closed or not self.open:
             return
-        if self._task is None and not self._inbox and self.core.runner.can_run_now():
+        if self._task is None and not self._inbox and self.core.can_answer_now():
             # An idle inline policy: answer on the spot, no task.
-            started = time.perf_counter()
             try:
-                obs, decode_ms = self._decode(binary, data, started)
-                result, timing = self.core.runner.run_sync(obs)
-                self._reply(result, timing, decode_ms, started)
+                self._send_reply(self.core.infer_sync(self._payload(binary, data), dialect=self.dialect))
             except Exception as exc:
                 self._error(exc)
             return
@@ -316,35 +338,28 @@ class OpenpiConnection(asyncio.Protocol):
         try:
             while self._inbox and not self.closed:
                 binary, data = self._inbox.popleft()
-                started = time.perf_counter()
                 try:
-                    obs, decode_ms = self._decode(binary, data, started)
-                    result, timing = await self.core.runner.submit(obs, id(self))
-                    self._reply(result, timing, decode_ms, started)
+                    payload = self._payload(binary, data)
+                    self._send_reply(await self.core.infer(payload, client=id(self), dialect=self.dialect))
                 except Exception as exc:
                     self._error(exc)
         finally:
             self._task = None
 
-    def _decode(self, binary: bool, data: bytes, started: float) -> tuple[dict[str, Any], float]:
+    @staticmethod
+    def _payload(binary: bool, data: bytes) -> bytes:
         if not binary:
             raise ProtocolError(
                 "expected a binary message (an observation in openpi's msgpack layout), got text"
             )
-        obs = from_openpi_obs(openpi_unpackb(data), self.core.meta.input_spec)
-        validate_obs(obs, self.core.meta.input_spec)
-        return obs, (time.perf_counter() - started) * 1000.0
+        return data
 
-    def _reply(self, result: Any, timing: dict[str, float], decode_ms: float, started: float) -> None:
-        if isinstance(result, BaseException):
-            raise result
-        timing["decode_ms"] = decode_ms
-        message = openpi_reply(result, timing, started, self._prev_total_ms)
+    def _send_reply(self, message: bytes) -> None:
         if self.closed:
             return
         self.proto.send_binary(message)
         self._flush()
-        self._prev_total_ms = (time.perf_counter() - started) * 1000.0
+        self.dialect.sent()
 
     def _error(self, exc: Exception) -> None:
         if self.closed:
@@ -385,6 +400,7 @@ class OpenpiListener:
         self.debug = debug
         self.connections: set[OpenpiConnection] = set()
         self.server: asyncio.AbstractServer | None = None
+        self.urls: list[str] = []
 
     def protocol(self) -> OpenpiConnection:
         return OpenpiConnection(self)
@@ -405,24 +421,23 @@ class OpenpiListener:
                 pass
 
 
-async def start_openpi_listener(server: Any) -> list[str]:
-    """Open the openpi-compatible listener of ``server`` (a PolicyServer) on ``server.openpi_port``."""
-    from . import _host_for_url
-
-    listener = OpenpiListener(server.core, debug=server.debug, **server.listener_kwargs())
+async def start(core: ServerCore, options: Any) -> OpenpiListener:
+    """The ``openpi://`` listener (:mod:`pi0remote.server.listener` protocol)."""
+    listener = OpenpiListener(core, debug=options.debug, **options.listener_kwargs())
     loop = asyncio.get_running_loop()
-    listener.server = await loop.create_server(listener.protocol, server.host, server.openpi_port)
-    server.add_closer(listener.close)
+    listener.server = await loop.create_server(listener.protocol, options.host, options.port)
     port = listener.server.sockets[0].getsockname()[1]
-    return [f"openpi://{_host_for_url(server.host)}:{port}"]
+    listener.urls.append(f"openpi://{options.url_host}:{port}")
+    return listener
 
 
 __all__ = [
+    "OpenpiDialect",
     "OpenpiListener",
     "error_text",
     "from_openpi_obs",
     "openpi_packb",
     "openpi_reply",
     "openpi_unpackb",
-    "start_openpi_listener",
+    "start",
 ]
