@@ -218,11 +218,18 @@ class FrameDecoder:
         self._header_filled = 0
         self._body: bytearray | None = None
         self._body_filled = 0
-        self._scratch = memoryview(bytearray(self.SCRATCH_BYTES))
+        self._scratch_buf: memoryview | None = None
         self._ready: deque[bytearray] = deque()
         self.broken = False
         self.rejected_header = b""
         """The 4 header bytes of a refused frame (see :func:`looks_like_http`)."""
+
+    @property
+    def _scratch(self) -> memoryview:
+        """The scratch area for reads between frames, allocated on first use (feed() never needs it)."""
+        if self._scratch_buf is None:
+            self._scratch_buf = memoryview(bytearray(self.SCRATCH_BYTES))
+        return self._scratch_buf
 
     @property
     def mid_frame(self) -> bool:
