@@ -20,9 +20,12 @@ Entry published per container (``store[container_id]``)::
 
     {"container_id": "ta-…", "started_at": 1.7e9, "heartbeat": 1.7e9, "heartbeat_s": 15.0,
      "portals": {"tcp": "r7.modal.host:41234", "quic+tcp": "r7.modal.host:40001"},
-     "quic_fingerprint": "ab12…" | None, "policy": "pi0", "region": "us-east" | None, "version": "0.1.0"}
+     "quic_fingerprint": "ab12…" | None, "policy": "pi0", "region": "us-east" | None, "version": "0.1.0",
+     "load": {"robots": 3, "calls_per_s": 31.5, "mean_batch": 2.9, "queue_wait_p50_ms": 4.1,
+              "capacity": 8, "ready": True}}
 
-Clients (``pi0remote.client.modal``) take the newest entry whose heartbeat is fresh.
+``load`` is rewritten with every heartbeat, and at once (at most every ``LOAD_PUBLISH_MIN_S``) when a robot
+connects or leaves. Clients (``pi0remote.client.modal``) choose among live, ready entries by load.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ DEFAULT_HEARTBEAT_S = 15.0
 DEFAULT_STALE_AFTER_S = 60.0
 """Clients ignore entries whose heartbeat is older than this (four missed heartbeats)."""
 PRUNE_AFTER_S = 600.0
+LOAD_PUBLISH_MIN_S = 0.05
+"""A change of connected robots is published at once, but not more often than this."""
 """A starting container deletes entries this old: containers that died without unpublishing."""
 
 OPENPI_DATA_HOME = "OPENPI_DATA_HOME"
@@ -339,6 +344,7 @@ def new_entry(
     region: Any,
     heartbeat_s: float,
     now: float | None = None,
+    load: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     t = time.time() if now is None else now
     return {
@@ -351,7 +357,13 @@ def new_entry(
         "policy": policy,
         "region": region,
         "version": __version__,
+        "load": dict(load) if load is not None else None,
     }
+
+
+def container_load(core: Any) -> dict[str, Any]:
+    """What a container publishes about its load: the server's counters, its batch capacity, readiness."""
+    return {**core.load.snapshot(), "capacity": int(core.runner.max_batch), "ready": bool(core.ready)}
 
 
 def prune_stale(
@@ -371,16 +383,26 @@ def prune_stale(
 
 
 class Heartbeat:
-    """Rewrites the container's entry with a fresh ``heartbeat`` timestamp every ``interval`` seconds."""
+    """Rewrites the container's entry with a fresh ``heartbeat`` (and ``load``) every ``interval`` seconds.
+
+    :meth:`poke` publishes sooner (a robot connected or left), at most every ``LOAD_PUBLISH_MIN_S``.
+    """
 
     def __init__(
-        self, store: MutableMapping[str, Any], key: str, entry: dict[str, Any], interval: float
+        self,
+        store: MutableMapping[str, Any],
+        key: str,
+        entry: dict[str, Any],
+        interval: float,
+        load: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.key = key
         self.entry = entry
         self.interval = interval
+        self.load = load
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pi0remote-heartbeat", daemon=True)
         self.beats = 0
 
@@ -388,20 +410,31 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def poke(self) -> None:
+        self._wake.set()
+
     def beat(self) -> None:
+        if self.load is not None:
+            self.entry["load"] = dict(self.load())
         self.entry["heartbeat"] = time.time()
         self.store[self.key] = dict(self.entry)
         self.beats += 1
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             try:
                 self.beat()
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not take the server down
                 logger.warning("heartbeat for %s failed: %s", self.key, exc)
+            self._stop.wait(LOAD_PUBLISH_MIN_S)
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(self.interval + 5)
 
@@ -459,14 +492,22 @@ class PolicyContainer:
         )
         self._closed = False
 
+    def load(self) -> dict[str, Any]:
+        """This container's published load (see :func:`container_load`)."""
+        return container_load(self.core)
+
     def publish(self, entry: dict[str, Any], heartbeat_s: float) -> None:
         self.entry = entry
+        entry["load"] = self.load()
         self.store[self.container_id] = dict(entry)
         if heartbeat_s > 0:
-            self.heartbeat = Heartbeat(self.store, self.container_id, entry, heartbeat_s).start()
+            self.heartbeat = Heartbeat(self.store, self.container_id, entry, heartbeat_s, self.load).start()
+            self.core.load.on_change.append(self.heartbeat.poke)
 
     def unpublish(self) -> None:
         if self.heartbeat is not None:
+            with contextlib.suppress(ValueError):
+                self.core.load.on_change.remove(self.heartbeat.poke)
             self.heartbeat.stop()
             self.heartbeat = None
         if self.entry is not None:
@@ -476,12 +517,19 @@ class PolicyContainer:
                 logger.warning("could not remove %s from the endpoint store: %s", self.container_id, exc)
             self.entry = None
 
-    def close(self) -> None:
-        """Unpublish first (clients stop picking this container), then close the portals and the server."""
+    def close(self, drain_s: float = 0.0) -> None:
+        """Unpublish first (clients stop picking this container), then close the portals and the server.
+
+        ``drain_s``: wait up to that long, after unpublishing, for the connected robots to move to other
+        containers (their clients watch the store) before the connections are closed.
+        """
         if self._closed:
             return
         self._closed = True
         self.unpublish()
+        deadline = time.monotonic() + drain_s
+        while self.core.load.robots and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
             self._tunnels.close()
         except Exception as exc:  # noqa: BLE001
@@ -802,6 +850,12 @@ class PolicyAsgiApp:
         # (the core answers a typed authentication error and closes, as on the raw TCP transport).
         await send({"type": "websocket.accept"})
         session = Session(authenticated=authorised, transport="ws")
+        try:
+            await self._ws_loop(session, receive, send)
+        finally:
+            self.core.load.session_closed(session)
+
+    async def _ws_loop(self, session: Any, receive: Callable[[], Any], send: Callable[..., Any]) -> None:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":

@@ -77,13 +77,17 @@ def connect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> PolicyClient:
+) -> Any:
     """Connect to a policy server and return a ready :class:`PolicyClient`.
 
     ``timeout`` bounds each call (and each connect attempt); ``token`` is sent on every transport.
     Transport-specific options (``retries``, ``max_message_bytes``, ``quic_fingerprint``, ...) pass through.
     """
     tune_malloc()
+    if policy is None and url is not None and _scheme(url) == "modal":
+        from .modal import connect_modal  # resolver choice and failover across containers
+
+        return connect_modal(url, timeout=timeout, token=token, **options)
     url, kwargs = _resolve(url, policy, dict(options, timeout=timeout, token=token))
     transport: Transport = _transport_class(url, 1)(url, **kwargs)
     return PolicyClient(transport, url).connect()

@@ -112,6 +112,7 @@ class MessageConnection:
 
     def connection_lost(self) -> None:
         self.closed = True
+        self.core.load.session_closed(self.session)
         if self._idle is not None:
             self._idle.cancel()
         self._inbox.clear()
