@@ -51,7 +51,7 @@ logger = logging.getLogger("pi0remote.deploy")
 PORTAL_TRANSPORTS = ("tcp", "quic+tcp")
 """Raw transports a deployment can expose through TCP port forwarding (QUIC over UDP cannot be forwarded)."""
 
-DEFAULT_HEARTBEAT_S = 15.0
+DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 60.0
 """Clients ignore entries whose heartbeat is older than this (four missed heartbeats)."""
 PRUNE_AFTER_S = 600.0
@@ -101,6 +101,10 @@ class DeployConfig:
     volume_name: str = "pi0remote-cache"  # PI0REMOTE_VOLUME
     min_containers: int = 1  # PI0REMOTE_MIN_CONTAINERS
     max_containers: int | None = None  # PI0REMOTE_MAX_CONTAINERS
+    robots_per_container: int = 8  # PI0REMOTE_ROBOTS_PER_CONTAINER: what the control loop plans for
+    spare_containers: int = 1  # PI0REMOTE_SPARE_CONTAINERS: warm containers beyond the robots' need
+    buffer_containers: int = 0  # PI0REMOTE_BUFFER_CONTAINERS: Modal's buffer (web-endpoint inputs)
+    autoscale_s: int = 60  # PI0REMOTE_AUTOSCALE_S: period of the control loop (0: no control loop)
     scaledown_window: int = 300  # PI0REMOTE_SCALEDOWN_S
     max_inputs: int = 64  # PI0REMOTE_MAX_INPUTS: concurrent web requests / WebSockets per container
     memory_snapshot: bool = True  # PI0REMOTE_MEMORY_SNAPSHOT
@@ -150,6 +154,11 @@ class DeployConfig:
             volume_name=env.get("PI0REMOTE_VOLUME") or d.volume_name,
             min_containers=_env_int(env.get("PI0REMOTE_MIN_CONTAINERS"), d.min_containers) or 0,
             max_containers=_env_int(env.get("PI0REMOTE_MAX_CONTAINERS"), d.max_containers),
+            robots_per_container=_env_int(env.get("PI0REMOTE_ROBOTS_PER_CONTAINER"), None)
+            or d.robots_per_container,
+            spare_containers=_env_int(env.get("PI0REMOTE_SPARE_CONTAINERS"), d.spare_containers) or 0,
+            buffer_containers=_env_int(env.get("PI0REMOTE_BUFFER_CONTAINERS"), d.buffer_containers) or 0,
+            autoscale_s=_env_int(env.get("PI0REMOTE_AUTOSCALE_S"), d.autoscale_s) or 0,
             scaledown_window=_env_int(env.get("PI0REMOTE_SCALEDOWN_S"), d.scaledown_window)
             or d.scaledown_window,
             max_inputs=_env_int(env.get("PI0REMOTE_MAX_INPUTS"), d.max_inputs) or d.max_inputs,
@@ -181,6 +190,23 @@ class DeployConfig:
         out = {k: env[k] for k in self.env_names if k in env}
         out[OPENPI_DATA_HOME] = self.openpi_data_home
         return out
+
+    def scaling_policy(self) -> Any:
+        """The control loop's rule for this deployment (:class:`pi0remote.scaling.ScalingPolicy`)."""
+        from .scaling import ScalingPolicy
+
+        return ScalingPolicy(
+            robots_per_container=self.robots_per_container,
+            floor=self.min_containers,
+            max_containers=self.max_containers,
+            spare=self.spare_containers,
+            buffer_containers=self.buffer_containers,
+        )
+
+    @property
+    def scaling_state_name(self) -> str:
+        """Name of the ``modal.Dict`` where the control loop keeps its last decision."""
+        return f"{self.app_name}-scaling"
 
     @property
     def endpoints_name(self) -> str:

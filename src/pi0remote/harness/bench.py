@@ -1021,6 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quic-insecure", action="store_true", help="skip QUIC certificate checks for --url servers"
     )
     p.add_argument("--timeout", type=float, default=30.0, help="per-call timeout, seconds")
+    from .fleet import add_fleet_args
+
+    add_fleet_args(p)
     return p
 
 
@@ -1036,7 +1039,12 @@ def _strip_samples(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fleet:
+        from .fleet import fleet_main
+
+        return fleet_main(args, parser.get_default("policy"))
     if args.n < 1 or args.warmup < 0:
         raise SystemExit("pi0remote.bench: --n must be ≥ 1 and --warmup ≥ 0")
 
