@@ -55,7 +55,7 @@ DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 60.0
 """Clients ignore entries whose heartbeat is older than this (four missed heartbeats)."""
 PRUNE_AFTER_S = 600.0
-LOAD_PUBLISH_MIN_S = 0.05
+LOAD_PUBLISH_MIN_S = 0.02
 """A change of connected robots is published at once, but not more often than this."""
 """A starting container deletes entries this old: containers that died without unpublishing."""
 

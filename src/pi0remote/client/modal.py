@@ -211,6 +211,7 @@ def resolve_modal_entry(
     *,
     exclude: Collection[str] = (),
     rng: random.Random | None = None,
+    pin: str | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """``modal://APP/TRANSPORT`` -> ``(url, extra connect() options, the chosen entry or None for web)``."""
     app, transport, opts = parse_modal_url(url)
@@ -222,7 +223,9 @@ def resolve_modal_entry(
     if transport in WEB_TRANSPORTS:
         return _web_target(web_url(app, environment), transport), extra, None
     store = modal_store if modal_store is not None else endpoints_store(app, environment)
-    candidates = _read_store(app, store, transport, _max_age(opts), pin=opts.get("pin"), exclude=exclude)
+    candidates = _read_store(
+        app, store, transport, _max_age(opts), pin=pin or opts.get("pin"), exclude=exclude
+    )
     entry = choose_entry(candidates, rng)
     target = f"{transport}://{entry['portals'][transport]}"
     if transport == "quic+tcp":
@@ -245,7 +248,46 @@ def resolve_modal_url(url: str, modal_store: Any = None) -> tuple[str, dict[str,
     return target, extra
 
 
-# -- failover ---------------------------------------------------------------------------------------
+# -- rebalancing and failover -----------------------------------------------------------------------
+
+
+def _robots_capacity(entry: Mapping[str, Any]) -> tuple[float, float]:
+    load = _load(entry)
+    try:
+        return float(load.get("robots") or 0), max(1.0, float(load.get("capacity") or 1))
+    except (TypeError, ValueError):
+        return 0.0, 1.0
+
+
+def rebalance_target(
+    entries: list[dict[str, Any]], own_id: str, rng: random.Random | None = None
+) -> str | None:
+    """Where a robot on ``own_id`` should move to even the fleet out, or None to stay.
+
+    Its container holds more than its fair share (robots per capacity across all ready containers) by at
+    least one robot: each of its robots moves with probability excess / robots, so that in expectation just
+    the excess leaves (robots deciding at once do not all stampede), to the least loaded container that has
+    room below its fair share. A container added by the autoscaler fills up this way.
+    """
+    ready = [e for e in entries if is_ready(e)]
+    own = next((e for e in ready if e.get("container_id") == own_id), None)
+    if own is None or len(ready) < 2:
+        return None
+    total_robots = sum(_robots_capacity(e)[0] for e in ready)
+    share = total_robots / sum(_robots_capacity(e)[1] for e in ready)
+    robots, capacity = _robots_capacity(own)
+    excess = robots - capacity * share
+    if excess < 1.0 - 1e-9:
+        return None
+    room = [
+        e
+        for e in ready
+        if e is not own and _robots_capacity(e)[0] + 1 <= _robots_capacity(e)[1] * share + 1e-9
+    ]
+    if not room or (rng or random).random() >= excess / robots:
+        return None
+    best = min(load_ratio(e) for e in room)
+    return str((rng or random).choice([e for e in room if load_ratio(e) == best]).get("container_id"))
 
 
 def _fresh(entry: Mapping[str, Any] | None, max_age_s: float, now: float) -> bool:
@@ -284,6 +326,7 @@ class FailoverClient:
         modal_store: Any = None,
         failover_s: float = DEFAULT_FAILOVER_S,
         watch_s: float = DEFAULT_WATCH_S,
+        rebalance: bool = True,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         app, transport, opts = parse_modal_url(url)
@@ -301,6 +344,10 @@ class FailoverClient:
         self.failovers = 0
         self._excluded: dict[str, float] = {}
         self._moved: str | None = None
+        self.rebalance = rebalance and opts.get("pin") is None
+        self._move_to: str | None = None
+        self._settle_until = 0.0
+        self.moves = 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.calls = 0
@@ -327,20 +374,31 @@ class FailoverClient:
             self._excluded[container_id] = time.monotonic() + self.max_age_s
 
     # -- connecting ------------------------------------------------------------------------------
-    def _open_one(self) -> None:
+    def _open_one(self, pin: str | None = None) -> None:
         from . import connect
 
-        target, extra, entry = resolve_modal_entry(self.url, self.store, exclude=self._exclusions())
+        target, extra, entry = resolve_modal_entry(self.url, self.store, exclude=self._exclusions(), pin=pin)
         options = dict(self._options)
         for key, value in extra.items():
             if options.get(key) is None:
                 options[key] = value
-        self.entry = entry
         try:
-            self.client = connect(target, **options)
+            client = connect(target, **options)
         except (ConnectError, ConnectionLost, RequestTimeout):
-            self._exclude(self.container_id)
+            self._exclude(None if entry is None else entry.get("container_id"))
             raise
+        self._drop()
+        self.client, self.entry = client, entry
+        self._settle_until = time.monotonic() + 3 * self.watch_s  # let the loads catch up before moving
+
+    def _move(self) -> None:
+        """Rebalance: connect to the chosen container first, then let go of the current one."""
+        target, self._move_to = self._move_to, None
+        try:
+            self._open_one(pin=target)
+            self.moves += 1
+        except (ConnectError, ConnectionLost, RequestTimeout):
+            pass  # stay where we are
 
     def _reconnect(self, deadline: float, cause: BaseException | None) -> None:
         """Resolve and connect until it works or ``deadline`` (monotonic) passes."""
@@ -371,21 +429,34 @@ class FailoverClient:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.watch_s):
-            cid = self.container_id
-            if cid is None or self._moved:
-                continue
             try:
-                entry = self.store.get(cid)
+                self._check()
             except Exception:  # noqa: BLE001 - the store is unreachable: keep the connection we have
                 continue
-            if not _fresh(entry, self.max_age_s, time.time()):
+
+    def _check(self) -> None:
+        """One look at the store: is our container still there, and should we move to even the load?"""
+        cid = self.container_id
+        if cid is None or self._moved:
+            return
+        if not self.rebalance:
+            if not _fresh(self.store.get(cid), self.max_age_s, time.time()):
                 self._moved = f"container {cid} stopped publishing"
+            return
+        entries = live_entries(self.store, self.transport_name, max_age_s=self.max_age_s)
+        own = next((e for e in entries if e.get("container_id") == cid), None)
+        if not _fresh(own, self.max_age_s, time.time()):
+            self._moved = f"container {cid} stopped publishing"
+        elif self._move_to is None and time.monotonic() >= self._settle_until:
+            self._move_to = rebalance_target(entries, cid)
 
     # -- calls -----------------------------------------------------------------------------------
     def _call(self, fn: Callable[[Any], Any]) -> Any:
         if self._moved or self.client is None:
             self._exclude(self.container_id if self._moved else None)
             self._reconnect(time.monotonic() + self.failover_s, None)
+        elif self._move_to is not None:
+            self._move()
         deadline = None
         while True:
             try:
@@ -464,9 +535,13 @@ def connect_modal(url: str, *, modal_store: Any = None, **options: Any) -> Any:
     _, transport, opts = parse_modal_url(url)
     failover_s = float(opts.get("failover_s", DEFAULT_FAILOVER_S))
     if transport in PORTAL_TRANSPORTS and failover_s > 0:
-        watch_s = float(opts.get("watch_s", DEFAULT_WATCH_S))
         client = FailoverClient(
-            url, modal_store=modal_store, failover_s=failover_s, watch_s=watch_s, options=options
+            url,
+            modal_store=modal_store,
+            failover_s=failover_s,
+            watch_s=float(opts.get("watch_s", DEFAULT_WATCH_S)),
+            rebalance=opts.get("rebalance", "1").lower() not in ("0", "false", "no", "off"),
+            options=options,
         )
         return client.connect()
     target, extra = resolve_modal_url(url, modal_store)
@@ -479,6 +554,7 @@ def connect_modal(url: str, *, modal_store: Any = None, **options: Any) -> Any:
 __all__ = [
     "FailoverClient",
     "choose_entry",
+    "rebalance_target",
     "connect_modal",
     "endpoints_store",
     "is_ready",
