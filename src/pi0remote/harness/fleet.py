@@ -398,7 +398,7 @@ def fleet_result(
     baseline: dict[str, Any] | None,
     ids: Sequence[str],
 ) -> dict[str, Any]:
-    from .bench import environment
+    from .bench.report import environment
 
     calls = _ok_calls(robots, t0, t1)
     rate = len(calls) / (t1 - t0)
@@ -462,27 +462,46 @@ def render_fleet(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fleet_main(args: argparse.Namespace, policy_default: str | None = None) -> int:
-    """The bench CLI's ``--fleet`` branch: run, write results.json / results.md, print (or ``--json``)."""
-    import json
-    import sys
+@dataclass
+class FleetCommand:
+    """A parsed ``bench --fleet`` command line: the fleet to measure and where the results go."""
 
-    from .bench import _jsonable, output_dir
+    fleet: FleetConfig
+    out: str = "bench-results"
+    json: bool = False
+    quiet: bool = False
 
-    config = FleetConfig.from_args(args, policy_default)
-    result = run_fleet(config, lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = output_dir(getattr(args, "out", None))
-    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
-    (out / "results.md").write_text(
-        f"# pi0remote fleet benchmark, {result['created']}\n\n" + render_fleet(result) + "\n"
+    def execute(self) -> int:
+        """Run, write results.json / results.md, print the summary (or the JSON with ``--json``)."""
+        import json
+        import sys
+
+        from .bench.report import jsonable, output_dir
+
+        log = (lambda msg: None) if self.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        result = run_fleet(self.fleet, log)
+        out = output_dir(self.out)
+        (out / "results.json").write_text(json.dumps(jsonable(result), indent=1) + "\n")
+        md = f"# pi0remote fleet benchmark, {result['created']}\n\n" + render_fleet(result) + "\n"
+        (out / "results.md").write_text(md)
+        result["output_dir"] = str(out)
+        if self.json:
+            print(json.dumps(jsonable(result), indent=1))
+        else:
+            print(render_fleet(result))
+            print(f"results: {out}/results.json, results.md")
+        return 0
+
+
+def fleet_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> FleetCommand:
+    """The bench CLI's ``--fleet`` branch (bad values raise ValueError: a usage error)."""
+    default = parser.get_default("policy") if parser is not None else "zeros"
+    return FleetCommand(
+        FleetConfig.from_args(args, default),
+        out=getattr(args, "out", None) or "bench-results",
+        json=bool(getattr(args, "json", False)),
+        quiet=bool(getattr(args, "quiet", False)),
     )
-    result["output_dir"] = str(out)
-    if getattr(args, "json", False):
-        print(json.dumps(_jsonable(result), indent=1))
-    else:
-        print(render_fleet(result))
-        print(f"results: {out}/results.json, results.md")
-    return 0
 
 
-__all__ = ["FleetConfig", "LocalFleet", "add_fleet_args", "fleet_main", "run_fleet"]
+__all__ = ["FleetCommand", "FleetConfig", "LocalFleet", "add_fleet_args", "fleet_command", "run_fleet"]
