@@ -499,6 +499,10 @@ class FailoverClient:
         return self.client.policy_metadata
 
     @property
+    def last_reply_bytes(self) -> int:
+        return int(getattr(self.client, "last_reply_bytes", 0) or 0)
+
+    @property
     def target(self) -> str | None:
         """The URL of the container this client currently talks to."""
         return None if self.client is None else self.client.url
