@@ -313,15 +313,7 @@ def start_container(
             f"refusing to serve public portals without a token: set {TOKEN_ENV} (on Modal, in the Secret "
             "the app attaches; see docs/modal.md)"
         )
-    portals = tuple(dict.fromkeys(portals))
-    unknown = set(portals) - set(PORTAL_TRANSPORTS)
-    if unknown:
-        raise ValueError(f"unknown portal transports {sorted(unknown)}; choose from {PORTAL_TRANSPORTS}")
-    if "quic+tcp" in portals and not _quic_available():
-        logger.warning(
-            "QUIC is not available in this image (aioquic / pi0remote.server.quic); no quic+tcp portal"
-        )
-        portals = tuple(p for p in portals if p != "quic+tcp")
+    portals = _checked_portals(portals)
     container_id = container_id or container_id_from_env()
     server = PolicyServer(
         policy,
@@ -344,32 +336,49 @@ def start_container(
             thread, store=store, container_id=container_id, urls=urls, tunnels=tunnels
         )
         for transport in portals:
-            url = server.url(transport)
-            tunnel = tunnels.enter_context(forward(_port_of(url)))
+            tunnel = tunnels.enter_context(forward(_port_of(server.url(transport))))
             container.portals[transport] = _tunnel_address(tunnel)
-        fingerprint = (
-            server.core.metadata().get("quic_fingerprint") if "quic+tcp" in container.portals else None
-        )
-        server.core.set_extra_metadata(
-            deployment={"container_id": container_id, "portals": dict(container.portals), "region": region}
-        )
-        with contextlib.suppress(Exception):
-            prune_stale(store)
-        entry = new_entry(
-            container_id,
-            container.portals,
-            quic_fingerprint=fingerprint,
-            policy=name,
-            region=region,
-            heartbeat_s=heartbeat_s,
-        )
-        container.publish(entry, heartbeat_s)
-        logger.info("published %s: %s", container_id, container.portals)
+        _publish(container, name=name, region=region, heartbeat_s=heartbeat_s)
         return container
     except BaseException:
         tunnels.close()
         thread.stop()
         raise
+
+
+def _checked_portals(portals: Iterable[str]) -> tuple[str, ...]:
+    """The requested portals, known ones only; ``quic+tcp`` dropped (with a warning) where QUIC is missing."""
+    portals = tuple(dict.fromkeys(portals))
+    unknown = set(portals) - set(PORTAL_TRANSPORTS)
+    if unknown:
+        raise ValueError(f"unknown portal transports {sorted(unknown)}; choose from {PORTAL_TRANSPORTS}")
+    if "quic+tcp" in portals and not _quic_available():
+        logger.warning(
+            "QUIC is not available in this image (aioquic / pi0remote.server.quic); no quic+tcp portal"
+        )
+        portals = tuple(p for p in portals if p != "quic+tcp")
+    return portals
+
+
+def _publish(container: PolicyContainer, *, name: str, region: Any, heartbeat_s: float) -> None:
+    """Tell the server its deployment facts, prune long-dead entries, publish this one with a heartbeat."""
+    core, cid = container.core, container.container_id
+    fingerprint = core.metadata().get("quic_fingerprint") if "quic+tcp" in container.portals else None
+    core.set_extra_metadata(
+        deployment={"container_id": cid, "portals": dict(container.portals), "region": region}
+    )
+    with contextlib.suppress(Exception):
+        prune_stale(container.store)
+    entry = new_entry(
+        cid,
+        container.portals,
+        quic_fingerprint=fingerprint,
+        policy=name,
+        region=region,
+        heartbeat_s=heartbeat_s,
+    )
+    container.publish(entry, heartbeat_s)
+    logger.info("published %s: %s", cid, container.portals)
 
 
 def start_from_config(
