@@ -262,7 +262,8 @@ def test_rebalance_moves_only_the_excess_towards_room() -> None:
 
 def _kill(container: Any) -> None:
     """Die without unpublishing: no more heartbeats, the server and its connections gone, the entry left."""
-    container.heartbeat.stop()
+    if container.heartbeat is not None:
+        container.heartbeat.stop()
     container.server_thread.stop()
 
 
@@ -327,6 +328,22 @@ def test_every_container_gone_is_a_typed_error_within_the_bound() -> None:
     finally:
         client.close()
         a.close()
+
+
+def test_first_connect_fails_fast_on_an_empty_store_and_skips_a_dead_entry() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError, match="no container has published"):
+        connect("modal://pi0remote/tcp?failover_s=10", modal_store={}, token=TOKEN)
+    assert time.monotonic() - t0 < 2.0  # nothing to wait for: the failover bound is for a running client
+    store: dict[str, Any] = {}
+    with start(store, "ta-live", heartbeat_s=0):
+        dead = start(store, "ta-dead", heartbeat_s=0)
+        _kill(dead)  # its entry stays, its port refuses
+        for _ in range(4):  # whichever the resolver picks first, the client ends up on the live one
+            with connect("modal://pi0remote/tcp?watch_s=0", modal_store=store, token=TOKEN) as client:
+                assert client.container_id == "ta-live"
+                client.infer(make_obs(0))
+        dead.close()
 
 
 def test_rebalancing_moves_robots_to_a_new_container() -> None:

@@ -374,10 +374,13 @@ class FailoverClient:
             self._excluded[container_id] = time.monotonic() + self.max_age_s
 
     # -- connecting ------------------------------------------------------------------------------
-    def _open_one(self, pin: str | None = None) -> None:
+    def _resolve(self, pin: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        return resolve_modal_entry(self.url, self.store, exclude=self._exclusions(), pin=pin)
+
+    def _connect_to(self, found: tuple[str, dict[str, Any], dict[str, Any] | None]) -> None:
         from . import connect
 
-        target, extra, entry = resolve_modal_entry(self.url, self.store, exclude=self._exclusions(), pin=pin)
+        target, extra, entry = found
         options = dict(self._options)
         for key, value in extra.items():
             if options.get(key) is None:
@@ -395,22 +398,33 @@ class FailoverClient:
         """Rebalance: connect to the chosen container first, then let go of the current one."""
         target, self._move_to = self._move_to, None
         try:
-            self._open_one(pin=target)
+            self._connect_to(self._resolve(pin=target))
             self.moves += 1
         except (ConnectError, ConnectionLost, RequestTimeout):
             pass  # stay where we are
 
-    def _reconnect(self, deadline: float, cause: BaseException | None) -> None:
-        """Resolve and connect until it works or ``deadline`` (monotonic) passes."""
+    def _reconnect(self, deadline: float, cause: BaseException | None, *, first: bool = False) -> None:
+        """Resolve and connect until it works or ``deadline`` (monotonic) passes.
+
+        ``first`` (the initial connect): an empty or unreadable store is an error at once; only a chosen
+        container that refuses is retried (with another one).
+        """
         self._drop()
         delay = 0.02
         while True:
             try:
-                self._open_one()
-                self._moved = None
-                return
-            except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-                cause = exc
+                found = self._resolve()
+            except ConnectError as exc:
+                if first:
+                    raise
+                found, cause = None, exc
+            if found is not None:
+                try:
+                    self._connect_to(found)
+                    self._moved = None
+                    return
+                except (ConnectError, ConnectionLost, RequestTimeout) as exc:
+                    cause = exc
             if time.monotonic() + delay > deadline:
                 raise ConnectError(
                     f"{self.url}: no container took over within failover_s={self.failover_s:g} s "
@@ -421,7 +435,7 @@ class FailoverClient:
 
     def connect(self) -> FailoverClient:
         if self.client is None:
-            self._reconnect(time.monotonic() + self.failover_s, None)
+            self._reconnect(time.monotonic() + self.failover_s, None, first=True)
         if self._watcher is None and self.watch_s > 0:
             self._watcher = threading.Thread(target=self._watch, name="pi0remote-failover", daemon=True)
             self._watcher.start()
