@@ -391,6 +391,43 @@ def test_bench_fleet_end_to_end_with_a_kill(tmp_path) -> None:
     assert any(tmp_path.glob("*/results.json"))
 
 
+def test_bench_clients_through_a_modal_url(tmp_path) -> None:
+    """``bench --clients N --url modal://…``: every client process resolves through the (stand-in) Dict."""
+    import multiprocessing as mp
+    from multiprocessing.managers import BaseManager, DictProxy
+
+    shared: dict[str, Any] = {}
+
+    class StoreManager(BaseManager):
+        pass
+
+    StoreManager.register("store", callable=lambda: shared, proxytype=DictProxy)
+    manager = StoreManager(address=("127.0.0.1", 0), authkey=b"fleet-test", ctx=mp.get_context("fork"))
+    manager.start()
+    try:
+        store = manager.store()
+        with start(store, "ta-a"), start(store, "ta-b"):
+            host, port = manager.address
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("PI0REMOTE_", "MODAL_"))}
+            fake = os.path.join(HERE, "fake_modal_dict")
+            env.update(
+                PYTHONPATH=os.pathsep.join([fake, SRC, env.get("PYTHONPATH", "")]),
+                FAKE_MODAL_DICT=f"{host}:{port}:{b'fleet-test'.hex()}",
+                PI0REMOTE_TOKEN=TOKEN,
+            )
+            cmd = [sys.executable, "-m", "pi0remote.bench", "--clients", "4", "--url", "modal://pi0remote/tcp",
+                   "--n", "10", "--warmup", "1", "--json", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            result = json.loads(proc.stdout)
+            assert result["mode"] == "clients" and len(result["per_client"]) == 4
+            assert all(c["n"] == 10 for c in result["per_client"])
+            served = [store[c]["load"]["calls_per_s"] for c in ("ta-a", "ta-b")]
+            assert max(served) > 0  # the calls went to the containers the Dict names
+    finally:
+        manager.shutdown()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the Modal app, read back through Modal's own objects
 
