@@ -292,6 +292,32 @@ def test_failover_when_the_container_dies_without_unpublishing() -> None:
         b.close()
 
 
+def test_async_client_fails_over_too() -> None:
+    import asyncio
+
+    from pi0remote import aconnect
+
+    store: dict[str, Any] = {}
+    a, b = start(store, "ta-a"), start(store, "ta-b")
+
+    async def main() -> None:
+        url = "modal://pi0remote/tcp?failover_s=5&watch_s=0.05"
+        async with await aconnect(url, modal_store=store, token=TOKEN) as client:
+            first = client.container_id
+            obs = make_obs(5)
+            np.testing.assert_array_equal((await client.infer(obs))["action"], expected_action(obs["state"]))
+            _kill(a if first == "ta-a" else b)
+            reply = await client.infer(obs)
+            np.testing.assert_array_equal(reply["action"], expected_action(obs["state"]))
+            assert client.container_id != first and client.failovers == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_client_moves_when_its_container_stops_heartbeating() -> None:
     store: dict[str, Any] = {}
     a, b = start(store, "ta-a"), start(store, "ta-b")
