@@ -50,6 +50,9 @@ EXTRAS: dict[str, str] = {
 """Top-level module -> the pyproject extra that installs it."""
 
 
+SCHEME_PORTS = "tcp:// for --tcp-port, http:// or ws://.../ws for --http-port, quic:// for --quic-port"
+
+
 class UsageError(Exception):
     """A bad command-line value found after parsing; reported like an argparse error (exit code 2)."""
 
@@ -160,6 +163,8 @@ def configure_output(args: argparse.Namespace) -> None:
     verbose = getattr(args, "verbose", 0)
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # aioquic logs a refused certificate as a warning; the error line says it already
+        logging.getLogger("quic").setLevel(logging.ERROR)
     if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, in this process and its children
 
@@ -249,7 +254,9 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, errors.ConnectError):
         return f"{text}: is the server running? check --url (serve prints its URLs as 'listening URL')"
     if isinstance(exc, errors.RequestTimeout):
-        return f"{text}: raise --timeout, or check that the URL's scheme matches the server's port"
+        return f"{text}: raise --timeout, or check that the URL's scheme matches the server's port ({SCHEME_PORTS})"
+    if isinstance(exc, errors.ConnectionLost):
+        return f"{text}: check that the URL's scheme matches the server's port ({SCHEME_PORTS})"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"{text}: pick another port (0 picks a free one)"
     return text.replace("\n", " ")

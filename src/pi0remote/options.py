@@ -55,8 +55,18 @@ class ClientOptions:
     def connect(self, url: str) -> Any:
         """A connected :class:`~pi0remote.client.PolicyClient` for ``url`` with these options."""
         from .client import connect
+        from .errors import Pi0RemoteError
 
-        return connect(url, **self.connect_kwargs(url))
+        try:
+            return connect(url, **self.connect_kwargs(url))
+        except Pi0RemoteError as exc:
+            if url in str(exc):
+                raise
+            try:
+                named = type(exc)(f"{url}: {exc}")  # the same error, saying which server
+            except TypeError:
+                raise exc from None
+            raise named from exc
 
     def with_fingerprint(self, fingerprint: str | None) -> ClientOptions:
         """These options trusting ``fingerprint`` too (learnt from a server's metadata), if none was set."""
