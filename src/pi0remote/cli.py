@@ -63,6 +63,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         default = action.default
+        if action.nargs == 0:  # store_true / store_false / count: a switch, its default goes without saying
+            return action.help
         if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or default == []:
             return action.help  # flags (store_true / store_false) and "not set" say it in words
         if action.help is None:
@@ -85,10 +87,23 @@ def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
 
 
+def server_url(text: str) -> str:
+    """An argparse ``type`` for ``--url``: a URL whose scheme a client exists for."""
+    from .client import SCHEMES
+
+    known = [*SCHEMES, "modal"]
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme not in known:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a server URL: use one of {', '.join(s + '://' for s in known)} (e.g. tcp://HOST:8765)"
+        )
+    return text
+
+
 def add_target(p: Any, *, multiple: bool = False, help: str | None = None) -> None:
     """``--url`` (alias ``--policy-url``): the server to talk to."""
     p.add_argument(
-        "--url", "--policy-url", dest="url", metavar="URL",
+        "--url", "--policy-url", dest="url", metavar="URL", type=server_url,
         action="append" if multiple else "store", default=[] if multiple else None,
         help=help or "a running server: tcp://HOST:8765, http://HOST:8000, ws://HOST:8000/ws, quic://, modal://",
     )  # fmt: skip

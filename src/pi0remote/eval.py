@@ -108,11 +108,10 @@ def modes_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not modes:
         parser.error("give --url URL, --policy NAME or --compare ...")
     for mode in modes:
-        if "://" not in mode:
-            try:
-                cli.policy_name(mode)
-            except argparse.ArgumentTypeError as exc:
-                parser.error(f"argument --compare: {exc}")
+        try:
+            cli.server_url(mode) if "://" in mode else cli.policy_name(mode)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --compare: {exc}")
     if args.episodes < 1 or args.action_horizon < 1 or args.max_steps < 1:
         parser.error("--episodes, --action-horizon and --max-steps must be positive")
     return modes

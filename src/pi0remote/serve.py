@@ -23,7 +23,12 @@ from typing import Any
 
 from . import cli, protocol
 
-EXAMPLES = """examples:
+EXAMPLES = """which listeners open:
+  --transports when given; otherwise the transports whose port flag is given (--http-port: http and ws,
+  --tcp-port: tcp, --quic-port: quic and quic+tcp); with no port flag, http, ws and tcp on 8000 / 8765.
+  A port flag for a transport that --transports leaves out opens nothing (a note says so).
+
+examples:
   pi0remote serve --policy expert                        # http, ws on 8000 and tcp on 8765
   pi0remote serve --policy expert --tcp-port 8765        # tcp only
   pi0remote serve --policy pi0 --host 0.0.0.0 --token-file token.txt --transports tcp,quic
@@ -53,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
-    g = p.add_argument_group("listeners (see 'Which listeners open' above)")
+    g = p.add_argument_group("listeners (see 'which listeners open' below)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
         "--http-port", type=int, default=None, help="HTTP and WebSocket (/ws) (default 8000; 0: free)"
