@@ -85,9 +85,8 @@ def token_server(tmp_path_factory):
     """``pi0remote serve`` with a token read from ``--token-file``: TCP and HTTP/WebSocket."""
     path = tmp_path_factory.mktemp("tok") / "token.txt"
     path.write_text("s3cret\n")
-    env = {"PI0REMOTE_TOKEN": ""}
     with ServerProcess(
-        ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--token-file", str(path)], env=env
+        ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--token-file", str(path)]
     ) as srv:
         yield srv, path
 

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   pi0remote eval --policy expert --compare tcp://127.0.0.1:8765 ws://127.0.0.1:8000/ws
   pi0remote eval --policy expert --no-images --clock realtime --latency 300ms --exec async
   pi0remote eval --policy expert --no-images --sweep-latency 0,100,300 --exec blocking,async
+  pi0remote eval --policy flow --no-images --clock realtime --latency 300ms --exec rtc
 """
 
 
@@ -46,9 +47,10 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
         "request is in flight (default when --latency or --sweep-latency is given)",
     )  # fmt: skip
     g.add_argument(
-        "--exec", dest="strategy", default="blocking", metavar="blocking|async",
+        "--exec", dest="strategy", default="blocking", metavar="blocking|async|async-linear|rtc",
         help="blocking: ask, wait, run --action-horizon steps; async: ask ahead (--prefetch-at), blend the "
-        "overlap. A comma list with --sweep-latency",
+        "overlap (async-latest / async-linear: with that --blend); rtc: ask ahead, the flow policy continues "
+        "the rest of the current chunk (docs/rtc.md). A comma list with --sweep-latency",
     )  # fmt: skip
     g.add_argument(
         "--latency", default=None, metavar="300ms[±50ms]",

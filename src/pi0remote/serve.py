@@ -58,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
+    g = p.add_argument_group("real-time chunking (flow policies: pi0, flow; docs/rtc.md)")
+    g.add_argument(
+        "--rtc-beta", type=float, default=None, metavar="BETA",
+        help="guidance clip β for requests carrying 'rtc' (default 5)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rtc-schedule", choices=("exp", "linear"), default=None,
+        help="soft prefix mask past the delay (default exp)",
+    )  # fmt: skip
     g = p.add_argument_group("listeners (see 'which listeners open' below)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
@@ -78,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds"
     )
+    from .server.limits import add_limit_arguments
+
+    add_limit_arguments(p.add_argument_group("limits (docs/security.md)"))
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=1, help="batch concurrent requests up to this size")
     g.add_argument(
@@ -89,6 +101,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", default=None, help="PEM private key for --cert")
     g.add_argument("--quic-max-datagram", type=int, default=None, help="QUIC datagram size over UDP")
     cli.add_output(p, out=None, json=False, progress=False)
+
+
+RTC_POLICIES = ("pi0", "flow")
+"""Built-in flow policies: they get ``rtc_beta`` / ``rtc_schedule`` (a ``module:attr`` policy only when set)."""
+
+
+def rtc_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``rtc_beta`` and ``rtc_schedule`` for a flow policy's factory (checked here)."""
+    from .rtc import DEFAULT_BETA, DEFAULT_SCHEDULE, check_beta
+
+    if args.policy not in RTC_POLICIES and ":" not in args.policy:
+        return {}
+    out = {"rtc_beta": args.rtc_beta, "rtc_schedule": args.rtc_schedule}
+    if args.policy in RTC_POLICIES:
+        out["rtc_beta"] = DEFAULT_BETA if args.rtc_beta is None else args.rtc_beta
+        out["rtc_schedule"] = args.rtc_schedule or DEFAULT_SCHEDULE
+    out = {k: v for k, v in out.items() if v is not None}
+    if "rtc_beta" in out:
+        out["rtc_beta"] = check_beta(out["rtc_beta"])
+    return out
 
 
 @dataclass
@@ -139,10 +171,13 @@ def policy_options(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]
     elif out:
         notes.append(f"ignoring π₀ options {sorted(out)} for --policy {args.policy}")
         out = {}
+    out.update(rtc_options(args))
     return out
 
 
 def config_from_args(args: argparse.Namespace, parser: Any = None) -> ServeConfig:
+    from .server.limits import limits_from_args
+
     transports, ports, notes = select_listeners(args)
     server_options = {
         "token": cli.token_from_args(args),
@@ -154,6 +189,7 @@ def config_from_args(args: argparse.Namespace, parser: Any = None) -> ServeConfi
         "key": args.key,
         "quic_options": {"max_datagram_size": args.quic_max_datagram} if args.quic_max_datagram else {},
         "debug": args.debug,
+        "limits": limits_from_args(args),
     }
     return ServeConfig(
         policy=args.policy, policy_options=policy_options(args, notes), host=args.host, transports=transports,

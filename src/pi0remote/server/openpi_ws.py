@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
-from ..policies import validate_obs
+from ..policies import validate_request
 from .connection import set_nodelay
 from .core import ServerCore
 
@@ -135,8 +135,10 @@ def from_openpi_obs(obs: Any, input_spec: dict[str, Any] | None = None) -> dict[
         if isinstance(value, list):
             try:
                 value = out[key] = np.asarray(value, dtype=spec.dtype)
-            except (TypeError, ValueError):
-                continue  # validation names the problem
+            except (TypeError, ValueError, OverflowError) as exc:  # e.g. an image value above 255
+                raise InvalidInputError(
+                    f"{key!r}: cannot be read as {spec.dtype} {list(spec.shape)}: {exc}"
+                ) from None
         if not isinstance(value, np.ndarray) or value.dtype == np.dtype(spec.dtype):
             continue
         want = np.dtype(spec.dtype)
@@ -376,14 +378,14 @@ class OpenpiConnection(asyncio.Protocol):
                 "expected a binary message (an observation in openpi's msgpack layout), got text"
             )
         obs = from_openpi_obs(openpi_unpackb(data), self.core.meta.input_spec)
-        validate_obs(obs, self.core.meta.input_spec)
+        validate_request(obs, self.core.meta)
         return obs, (time.perf_counter() - started) * 1000.0
 
     def _reply(self, result: Any, timing: dict[str, float], decode_ms: float, started: float) -> None:
         if isinstance(result, BaseException):
             raise result
         timing["decode_ms"] = decode_ms
-        message = openpi_reply(result, timing, started, self._prev_total_ms)
+        message = openpi_reply(self.core.check_reply(result), timing, started, self._prev_total_ms)
         if self.closed:
             return
         self.proto.send_binary(message)
