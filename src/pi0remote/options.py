@@ -46,6 +46,16 @@ def read_token(
     return None
 
 
+def naming_url(exc: Exception, url: str) -> Exception:
+    """``exc`` with ``url`` in its message (the same type), so a one-line error says which server failed."""
+    if url in str(exc):
+        return exc
+    try:
+        return type(exc)(f"{url}: {exc}")
+    except TypeError:  # an exception class with another constructor: leave it as it is
+        return exc
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """Options every client the tools open gets (``connect(url, **options.connect_kwargs(url))``)."""
@@ -77,12 +87,9 @@ class ClientOptions:
         try:
             return connect(url, **self.connect_kwargs(url))
         except Pi0RemoteError as exc:
-            if url in str(exc):
+            named = naming_url(exc, url)
+            if named is exc:
                 raise
-            try:
-                named = type(exc)(f"{url}: {exc}")  # the same error, saying which server
-            except TypeError:
-                raise exc from None
             raise named from exc
 
     def with_fingerprint(self, fingerprint: str | None) -> ClientOptions:
