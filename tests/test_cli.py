@@ -4,6 +4,7 @@ line that names the cause and the fix (exit code 2 for usage errors)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -272,12 +273,20 @@ def test_eval_bad_values_are_usage_errors(capsys) -> None:
 @pytest.mark.slow
 def test_eval_short_real_run_against_a_token_server(token_server, tmp_path) -> None:
     srv, path = token_server
-    out = pi0remote("eval", "--policy-url", srv.url("tcp"), "--token-file", str(path), "--episodes", "1",
-                    "--max-steps", "20", "--json", "--no-progress", "--out", str(tmp_path))  # fmt: skip
+    modes = [srv.url("tcp")]
+    trust: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if HAVE_QUIC:  # the same run also reaches a QUIC server with a self-signed certificate
+            quic = stack.enter_context(ServerProcess(["--quic-port", "0", "--token-file", str(path)]))
+            modes.append(quic.url("quic"))
+            trust = ["--quic-fingerprint", quic.quic_fingerprint or ""]
+        out = pi0remote("eval", "--policy-url", modes[0], *(["--compare", *modes[1:]] if modes[1:] else []), "--token-file", str(path),
+                        *trust, "--episodes", "1", "--max-steps", "10", "--json", "--no-progress",
+                        "--out", str(tmp_path))  # fmt: skip
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    (agg,) = doc["results"]
-    assert agg["episodes"] == 1 and agg["mode"] == srv.url("tcp")
+    assert [a["mode"] for a in doc["results"]] == modes
+    assert all(a["episodes"] == 1 for a in doc["results"])
     assert (Path(doc["results_dir"]) / "success_rate.png").exists()
 
 
