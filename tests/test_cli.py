@@ -228,6 +228,7 @@ def test_bench_bad_values_are_argparse_errors(capsys) -> None:
     assert_one_line_error(usage(capsys, "bench", "--transport", "grpc"), 2, "--transport", "grpc", "tcp, ws")
     assert_one_line_error(usage(capsys, "bench", "--netem", "lag=5ms"), 2, "--netem", "'lag'", "delay")
     assert_one_line_error(usage(capsys, "bench", "--n", "0"), 2, "--n")
+    assert_one_line_error(usage(capsys, "bench", "--policy", "nope"), 2, "'nope'", "sleep:MS")
     assert_one_line_error(usage(capsys, "bench", "--url", "grpc://h:1"), 2, "--url", "'grpc://h:1'", "tcp://")
 
 

@@ -301,6 +301,7 @@ async def serve(cfg: ServeConfig) -> int:
         log(f"pi0remote serve: {hint}")
     if cfg.server_options.get("token"):
         log("pi0remote serve: clients must send the token (--token, --token-file or $PI0REMOTE_TOKEN)")
+    log(f"pi0remote serve: warming up {cfg.policy} (the first calls compile / load; 'ready' follows)")
     await server.warmup()
     print("ready", flush=True)
     await stop.wait()
