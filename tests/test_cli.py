@@ -293,14 +293,16 @@ def test_eval_short_real_run_against_a_token_server(token_server, tmp_path) -> N
 
 @pytest.mark.sim
 @pytest.mark.slow
-def test_record_shows_progress_per_step(tmp_path) -> None:
-    out = pi0remote(
-        "record", "--policy", "zeros", "--episodes", "1", "--max-steps", "8", "--out", str(tmp_path)
-    )
+def test_record_against_a_token_server_shows_progress_per_step(token_server, tmp_path) -> None:
+    srv, path = token_server
+    url = srv.url("tcp")
+    out = pi0remote("record", "--url", url, "--token-file", str(path), "--episodes", "1", "--max-steps", "8",
+                    "--out", str(tmp_path))  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert re.search(r"zeros seed 0:.*/8", out.stderr), out.stderr[-2000:]
+    assert re.search(re.escape(url) + r" seed 0:.*/8", out.stderr), out.stderr[-2000:]  # a bar over the steps
     (folder,) = tmp_path.iterdir()
-    assert (folder / "zeros_seed0.mp4").stat().st_size > 0
+    (video,) = folder.glob("*_seed0.mp4")
+    assert video.stat().st_size > 0 and (folder / "aggregate.json").exists()
 
 
 def test_success_rate_labels_are_dark_and_above_their_bars() -> None:
