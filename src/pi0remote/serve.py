@@ -203,13 +203,20 @@ def all_interfaces(host: str) -> bool:
 
 
 def outward_address() -> str:
-    """This machine's address as other machines on its network see it (a guess; no packet is sent)."""
+    """This machine's address as other machines on its network see it (a guess; no packet is sent):
+    the source address of a route out, else what the hostname resolves to, else the hostname."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect(("10.255.255.255", 1))
             return s.getsockname()[0]
         except OSError:
-            return socket.gethostname()
+            pass
+    name = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(name)
+        return name if addr.startswith("127.") else addr
+    except OSError:
+        return name
 
 
 def display_urls(urls: list[str], host: str) -> tuple[list[str], str | None]:
