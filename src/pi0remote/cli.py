@@ -40,14 +40,16 @@ EXTRAS: dict[str, str] = {
     "simplejpeg": "harness",
     "PIL": "harness",
     "modal": "modal",
-    "openpi": "pi0",
-    "openpi_client": "pi0",
-    "jax": "pi0",
-    "flax": "pi0",
     "optax": "flow",
     "uvicorn": "dev",
 }
 """Top-level module -> the pyproject extra that installs it."""
+OTHER_FIXES: dict[str, str] = {
+    "openpi": "openpi is not on the package index: install it from git as docs/pi0.md shows",
+    "openpi_client": "pip install openpi-client (it pins numpy<2: use its own virtualenv, docs/openpi.md)",
+    "jax": "install jax (docs/pi0.md for π₀)",
+}
+"""Modules no extra brings, and how to get them."""
 
 
 SCHEME_PORTS = "tcp:// for --tcp-port, http:// or ws://.../ws for --http-port, quic:// for --quic-port"
@@ -245,7 +247,7 @@ def missing_extra(exc: ImportError) -> str | None:
     """``pip install 'pi0remote[EXTRA]'`` advice for a missing optional module, if it is one of ours."""
     name = (getattr(exc, "name", None) or "").split(".")[0]
     extra = EXTRAS.get(name)
-    return f"pip install 'pi0remote[{extra}]'" if extra else None
+    return f"pip install 'pi0remote[{extra}]'" if extra else OTHER_FIXES.get(name)
 
 
 def explain(exc: BaseException) -> str:
@@ -255,9 +257,7 @@ def explain(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, ImportError):
         fix = missing_extra(exc)
-        if fix:
-            return f"{text}: {fix}"
-        return text
+        return f"{text}: {fix}" if fix and "pip install" not in text else text
     if type(exc).__name__ == "TlsVerificationError":
         cause = text.split(". For a self-signed server", 1)[0]
         return (
