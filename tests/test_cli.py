@@ -47,7 +47,7 @@ def pi0remote(*argv: str, env: dict[str, str] | None = None, without: str = "", 
         if without
         else [sys.executable, "-m", "pi0remote", *argv]
     )
-    base = {k: v for k, v in os.environ.items() if k != "PI0REMOTE_TOKEN"}
+    base = {k: v for k, v in os.environ.items() if k not in ("PI0REMOTE_TOKEN", "TQDM_DISABLE")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})})
 
 
@@ -68,17 +68,6 @@ def assert_one_line_error(out: subprocess.CompletedProcess, code: int, *needles:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
-
-
-@pytest.fixture(autouse=True)
-def _keep_tqdm_setting():
-    """In-process runs apply --no-progress through TQDM_DISABLE; put it back afterwards."""
-    before = os.environ.get("TQDM_DISABLE")
-    yield
-    if before is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = before
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +184,12 @@ def _bench(tmp_path: Path, capsys, *argv: str) -> dict:
                    "--no-charts", "--json", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
     return json.loads(capsys.readouterr().out)
+
+
+def test_in_process_runs_leave_the_environment_alone(tmp_path, capsys) -> None:
+    before = os.environ.get("TQDM_DISABLE")
+    _bench(tmp_path, capsys, "--transport", "local")
+    assert os.environ.get("TQDM_DISABLE") == before
 
 
 def test_bench_reaches_a_token_server_by_flag_file_and_env(

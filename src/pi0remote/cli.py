@@ -295,6 +295,7 @@ def run_command(module: Any, args: argparse.Namespace, parser: argparse.Argument
         if debug:
             raise
         parser.error(str(exc))
+    tqdm_before = os.environ.get("TQDM_DISABLE")
     configure_output(args)
     try:
         return int(module.execute(config) or 0)
@@ -302,6 +303,11 @@ def run_command(module: Any, args: argparse.Namespace, parser: argparse.Argument
         return 130
     except Exception as exc:
         return _fail(parser.prog, exc, debug)
+    finally:  # a command run in process (tests, scripts) leaves the environment as it found it
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
 
 
 # -- entry points ---------------------------------------------------------------------------------
