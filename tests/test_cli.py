@@ -112,6 +112,17 @@ def test_every_command_help_shows_the_shared_flags_and_defaults(command: str, ca
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_every_default_is_in_the_help(command: str) -> None:
+    import argparse
+
+    parser = cli.command_parser(command)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS, []):
+            assert "%(default)" in (formatter._get_help_string(action) or ""), action.option_strings
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_python_dash_m_forms_keep_working(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", f"pi0remote.{command}", "--help"], capture_output=True, text=True, timeout=60

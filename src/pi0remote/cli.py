@@ -69,8 +69,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             return action.help
         if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or default == []:
             return action.help  # flags (store_true / store_false) and "not set" say it in words
-        if action.help is None:
-            return "(default: %(default)s)"
         return super()._get_help_string(action)
 
 
@@ -79,6 +77,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def show_defaults(p: argparse.ArgumentParser) -> None:
+    """Give every option without a help text one that shows its default (argparse skips help-less ones)."""
+    for action in p._actions:
+        if action.help is None and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS, []):
+            action.help = "(default: %(default)s)"
 
 
 def new_parser(prog: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
@@ -323,6 +328,7 @@ def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentPa
     )
     module.add_arguments(p)
     add_debug(p)
+    show_defaults(p)
     return p
 
 
@@ -341,6 +347,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         )  # fmt: skip
         module.add_arguments(sp)
         add_debug(sp)
+        show_defaults(sp)
         parsers[name] = sp
     sub.add_parser("version", help="print the version", formatter_class=HelpFormatter)
     return p, parsers
