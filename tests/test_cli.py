@@ -261,9 +261,13 @@ def test_bench_says_what_is_missing_and_which_extra_brings_it(tmp_path) -> None:
 
 
 # -- eval and record ------------------------------------------------------------------------------
-def test_eval_without_the_sim_extra_names_it() -> None:
+def test_eval_and_record_without_their_extras_name_them() -> None:
     out = pi0remote("eval", "--policy", "zeros", "--episodes", "1", without="gym_aloha")
-    assert_one_line_error(out, 1, "pip install 'pi0remote[sim]'")
+    assert_one_line_error(out, 1, "gym_aloha", "pip install 'pi0remote[sim]'")
+    out = pi0remote("eval", "--policy", "zeros", "--episodes", "1", without="matplotlib")
+    assert_one_line_error(out, 1, "matplotlib", "pip install 'pi0remote[harness]'")
+    out = pi0remote("record", "--policy", "zeros", "--episodes", "1", without="imageio_ffmpeg")
+    assert_one_line_error(out, 1, "imageio_ffmpeg", "pip install 'pi0remote[sim]'")
 
 
 def test_eval_bad_values_are_usage_errors(capsys) -> None:
