@@ -559,10 +559,14 @@ def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Pa
     high = np.array([a["wilson95_high"] for a in aggregates])
     fig, ax = plt.subplots(figsize=(1.6 * len(aggregates) + 2.5, 3.6))
     ax.bar(range(len(aggregates)), rates, yerr=[rates - low, high - rates], capsize=6, color="#4c72b0")
-    for i, a in enumerate(aggregates):
-        ax.text(i, 0.02, f"{a['successes']}/{a['episodes']}", ha="center", color="white")
+    for i, a in enumerate(aggregates):  # above the bar (and its error bar) in dark text: readable at 0 %
+        ax.text(
+            i, high[i] + 0.02, f"{a['successes']}/{a['episodes']}", ha="center", va="bottom",
+            color="#222222", fontsize=10,
+        )  # fmt: skip
     ax.set_xticks(range(len(aggregates)), [a["mode"] for a in aggregates], rotation=15, ha="right")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("success rate (95% Wilson)")
     ax.set_title(title)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from typing import Any
 from .. import protocol
 from .._malloc import tune_malloc
 from .core import ServerCore, Session
+from .limits import Limits, quiet_accept_errors, resolve_token
 
 ALL_TRANSPORTS = ("http", "ws", "tcp", "quic", "quic+tcp")
 
@@ -52,6 +53,7 @@ class PolicyServer:
         token: str | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float | None = 300.0,
+        limits: Limits | dict[str, Any] | None = None,
         # batching
         max_batch: int = 1,
         batch_window_ms: float = 2.0,
@@ -61,8 +63,15 @@ class PolicyServer:
         quic_options: dict[str, Any] | None = None,
         debug: bool = False,
     ) -> None:
+        self.limits = limits if isinstance(limits, Limits) else Limits.from_options(limits)
         self.core = ServerCore(
-            policy, name=name, token=token, max_batch=max_batch, batch_window_ms=batch_window_ms
+            policy,
+            name=name,
+            token=token,
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+            limits=self.limits,
+            max_message_bytes=max_message_bytes,
         )
         self.host = host
         self.http_port = http_port
@@ -105,6 +114,7 @@ class PolicyServer:
         """Open every listener; returns their URLs (health reports not-ready until :meth:`warmup`)."""
         tune_malloc()
         loop = asyncio.get_running_loop()
+        quiet_accept_errors(loop)
         opts = self.listener_kwargs()
         host = _host_for_url(self.host)
         if ("http" in self.transports or "ws" in self.transports) and self.http_port is not None:
@@ -241,4 +251,12 @@ class BackgroundServer:
         self.stop()
 
 
-__all__ = ["ALL_TRANSPORTS", "BackgroundServer", "PolicyServer", "ServerCore", "Session"]
+__all__ = [
+    "ALL_TRANSPORTS",
+    "BackgroundServer",
+    "Limits",
+    "PolicyServer",
+    "ServerCore",
+    "Session",
+    "resolve_token",
+]

@@ -135,8 +135,10 @@ def from_openpi_obs(obs: Any, input_spec: dict[str, Any] | None = None) -> dict[
         if isinstance(value, list):
             try:
                 value = out[key] = np.asarray(value, dtype=spec.dtype)
-            except (TypeError, ValueError):
-                continue  # validation names the problem
+            except (TypeError, ValueError, OverflowError) as exc:  # e.g. an image value above 255
+                raise InvalidInputError(
+                    f"{key!r}: cannot be read as {spec.dtype} {list(spec.shape)}: {exc}"
+                ) from None
         if not isinstance(value, np.ndarray) or value.dtype == np.dtype(spec.dtype):
             continue
         want = np.dtype(spec.dtype)
@@ -383,7 +385,7 @@ class OpenpiConnection(asyncio.Protocol):
         if isinstance(result, BaseException):
             raise result
         timing["decode_ms"] = decode_ms
-        message = openpi_reply(result, timing, started, self._prev_total_ms)
+        message = openpi_reply(self.core.check_reply(result), timing, started, self._prev_total_ms)
         if self.closed:
             return
         self.proto.send_binary(message)
