@@ -171,6 +171,8 @@ def policy_options(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]
 
 
 def config_from_args(args: argparse.Namespace, parser: Any = None) -> ServeConfig:
+    from .server.limits import limits_from_args
+
     transports, ports, notes = select_listeners(args)
     server_options = {
         "token": cli.token_from_args(args),
