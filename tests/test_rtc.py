@@ -418,7 +418,7 @@ def test_cli_accepts_the_rtc_strategies():
     parser = build_parser()
     args = [
         "--policy",
-        "flow",
+        "expert",
         "--sweep-latency",
         "0,300",
         "--exec",
@@ -426,15 +426,13 @@ def test_cli_accepts_the_rtc_strategies():
     ]
     assert latency_options(parser, parser.parse_args(args))["strategies"][-1] == "rtc"
     single = latency_options(
-        parser, parser.parse_args(["--policy", "flow", "--latency", "300ms", "--exec", "rtc"])
+        parser, parser.parse_args(["--policy", "expert", "--latency", "300ms", "--exec", "rtc"])
     )
     assert (single["strategy"], single["clock"]) == ("rtc", "realtime")
-    assert split_strategy("async-linear") == ("async", "linear") and split_strategy("rtc") == (
-        "rtc",
-        "latest",
-    )
+    assert split_strategy("async-linear") == ("async", "linear")
+    assert split_strategy("rtc") == ("rtc", "latest")
     with pytest.raises(SystemExit):
-        latency_options(parser, parser.parse_args(["--policy", "flow", "--exec", "rtc-linear"]))
+        latency_options(parser, parser.parse_args(["--policy", "expert", "--exec", "rtc-linear"]))
 
 
 def test_sweep_rtc_against_async_on_the_toy_flow_policy(tmp_path):
