@@ -224,7 +224,7 @@ def rtc_field(prefix, d):
     return {"prefix": np.asarray(prefix, np.float32), "delay_steps": d}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "local"])
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http", "local"])
 def test_policy_without_rtc_refuses_the_field_and_keeps_serving(probe_server, transport):
     from conftest import connect_to, make_obs
 
