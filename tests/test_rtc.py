@@ -110,16 +110,12 @@ def test_guided_prefix_approaches_target_tail_untouched(toy):
 def test_larger_beta_matches_tighter(toy):
     velocity, _, eps, target = toy
     errs = []
+    fn = jax.jit(
+        lambda b: rtc.guided_sample(velocity, eps, num_steps=10, prefix=target, prefix_len=jnp.full(3, H),
+                                    delay_steps=jnp.full(3, 4), beta=b)
+    )  # fmt: skip
     for beta in (1.0, 5.0, 20.0):
-        out = rtc.guided_sample(
-            velocity,
-            eps,
-            num_steps=10,
-            prefix=target,
-            prefix_len=jnp.full(3, H),
-            delay_steps=jnp.full(3, 4),
-            beta=beta,
-        )
+        out = fn(beta)  # beta is traced: one compilation
         errs.append(float(jnp.abs(out[:, :4] - target[:, :4]).max()))
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 0.05
