@@ -144,7 +144,7 @@ class _Session:
         Probe timeouts only run while our packets are unacknowledged (never while the server merely
         computes a slow reply), so this is a liveness signal, not a request timeout.
         """
-        if self.connected and self.failure is None and self.quic._loss._pto_count >= DEAD_AFTER_PROBES:
+        if self.connected and self.failure is None and qc.compat.pto_count(self.quic) >= DEAD_AFTER_PROBES:
             self._fail(
                 ConnectionLost(f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts")
             )
