@@ -30,7 +30,7 @@ from ..errors import (
     RemotePolicyError,
     ServerError,
 )
-from ..policies import PolicyMetadata, policy_metadata, validate_obs
+from ..policies import PolicyMetadata, policy_metadata, validate_request
 from .limits import ConnectionGate, Limits
 from .runner import DaemonExecutor, PolicyRunner
 
@@ -145,7 +145,7 @@ class ServerCore:
         obs = self.unpack_obs(body)
         if has_jpeg(obs):
             self._decode_jpeg(obs)
-        validate_obs(obs, self.meta.input_spec)
+        validate_request(obs, self.meta)  # input spec; 'rtc' only for policies that declare it
         return obs
 
     async def decode_obs_async(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -155,7 +155,7 @@ class ServerCore:
             if self._decode_pool is None:
                 self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
             await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode_jpeg, obs)
-        validate_obs(obs, self.meta.input_spec)
+        validate_request(obs, self.meta)
         return obs
 
     def _decode_jpeg(self, obs: dict[str, Any]) -> None:
@@ -225,7 +225,7 @@ class ServerCore:
     def _infer_unpacked(self, obs: Any, started: float, with_kind: bool) -> bytes:
         if has_jpeg(obs):
             self._decode_jpeg(obs)
-        validate_obs(obs, self.meta.input_spec)
+        validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = self.runner.run_sync(obs)
         timing["decode_ms"] = decode_ms

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
-from ..policies import validate_obs
+from ..policies import validate_request
 from .connection import set_nodelay
 from .core import ServerCore
 
@@ -378,7 +378,7 @@ class OpenpiConnection(asyncio.Protocol):
                 "expected a binary message (an observation in openpi's msgpack layout), got text"
             )
         obs = from_openpi_obs(openpi_unpackb(data), self.core.meta.input_spec)
-        validate_obs(obs, self.core.meta.input_spec)
+        validate_request(obs, self.core.meta)
         return obs, (time.perf_counter() - started) * 1000.0
 
     def _reply(self, result: Any, timing: dict[str, float], decode_ms: float, started: float) -> None:
