@@ -141,6 +141,14 @@ def frame_header(message_length: int) -> bytes:
     return HEADER.pack(message_length)
 
 
+_HTTP_STARTS = (b"HTTP", b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
+
+
+def looks_like_http(header: bytes | bytearray) -> bool:
+    """True when the 4 bytes where a frame length was expected start an HTTP request or response."""
+    return bytes(header[:4]) in _HTTP_STARTS
+
+
 def hello_body(token: str | None, *, client: str = "pi0remote") -> dict[str, Any]:
     body: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "client": client}
     if token is not None:
@@ -235,6 +243,8 @@ class FrameDecoder:
         self._body_filled = 0
         self._ready: deque[bytearray] = deque()
         self.broken = False
+        self.rejected_header = b""
+        """The 4 header bytes of a refused frame (see :func:`looks_like_http`)."""
 
     @property
     def mid_frame(self) -> bool:
@@ -283,12 +293,19 @@ class FrameDecoder:
     def _start_body(self) -> None:
         (length,) = HEADER.unpack(self._header)
         self._header_filled = 0
-        if length > self.max_message_bytes:
+        if length > self.max_message_bytes or length == 0:
             self.broken = True
-            raise MessageTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}")
-        if length == 0:
-            self.broken = True
-            raise ProtocolError("empty frame")
+            self.rejected_header = bytes(self._header)
+            if length == 0:
+                raise ProtocolError("empty frame")
+            hint = (
+                f" (the bytes {self.rejected_header!r} start HTTP, not a pi0remote frame: wrong port or scheme?)"
+                if looks_like_http(self.rejected_header)
+                else ""
+            )
+            raise MessageTooLarge(
+                f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}{hint}"
+            )
         self._body = bytearray(min(length, max(self.start_bytes, 1)))
         self._body_len = length
         self._body_filled = 0

@@ -124,6 +124,12 @@ def send_buffered(quic: Any, stream_id: int) -> int:
         return 0
 
 
+def close_event(quic: Any) -> Any:
+    """The ``ConnectionTerminated`` event aioquic holds once a close was sent or received, before it
+    emits it after draining (None when unknown: the caller then waits for the event itself)."""
+    return getattr(quic, "_close_event", None) if PRIVATE_OK else None
+
+
 def nothing_due(quic: Any, now: float) -> bool:
     """True when building packets now would produce nothing (False whenever unsure: always send)."""
     if not PRIVATE_OK:
@@ -156,6 +162,7 @@ __all__ = [
     "PRIVATE_OK",
     "TESTED",
     "ack_now",
+    "close_event",
     "enable_bursts",
     "max_datagram_size",
     "nothing_due",

@@ -1,7 +1,11 @@
-"""Transport-independent request handling: auth, hello, decode, validate, run, encode.
+"""Transport-independent request handling: auth, hello, decode, validate, run, encode: the one dispatch.
 
-Every listener (HTTP, WebSocket, TCP, QUIC, in-process) turns its bytes into ``(kind, body)`` and calls
-:meth:`ServerCore.handle`; what comes back is the reply message. Nothing here touches a socket.
+Every message listener (WebSocket, TCP, QUIC, in-process) hands its messages to :meth:`ServerCore.handle`
+(or :meth:`~ServerCore.handle_now`) and gets the reply message back; every HTTP front end (the built-in
+listener, the ASGI app of a deployment) hands ``(method, path, headers, body)`` to
+:meth:`ServerCore.handle_http` and gets an :class:`HttpReply`. Another protocol (openpi's) is a
+:class:`Dialect`: its codec layout and its request/reply mapping, on the same decode-validate-run path.
+Nothing here touches a socket.
 
 Every decode step raises only pi0remote's typed errors; JPEG camera fields are size-checked from
 their header and decoded on a small pool, off the event loop; a policy's reply is checked against its
@@ -13,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,6 +34,7 @@ from ..errors import (
     ProtocolError,
     RemotePolicyError,
     ServerError,
+    to_wire,
 )
 from ..policies import PolicyMetadata, policy_metadata, validate_request
 from .limits import ConnectionGate, Limits
@@ -43,6 +49,43 @@ class Session:
     """True once the token was checked (HTTP/WebSocket headers, or a stream transport's HELLO)."""
     transport: str = "?"
     """Which listener the connection came through (``tcp``, ``ws``, ``http``, ``quic``, ``local``)."""
+
+
+class Dialect(Protocol):
+    """Another protocol's requests and replies on the core (openpi's: ``server/openpi_ws.py``)."""
+
+    layout: str
+    """The codec layout of its payloads (``pi0remote`` or ``openpi``)."""
+
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+        """Its request payload -> the canonical observation (validated by the core afterwards)."""
+        ...
+
+    def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
+        """The policy's canonical result -> its reply payload."""
+        ...
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+HTTP_METHODS = {"/infer": "POST", "/reset": "POST", "/metadata": "GET", "/ws": "GET"}
+"""Endpoints (besides ``/healthz``, any method) and the method each takes."""
+_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "policy_timeout": 503, "server": 500}
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of an error reply."""
+    code = exc.code if isinstance(exc, Pi0RemoteError) else "policy"
+    return _ERROR_STATUS.get(code, 400)
 
 
 class ServerCore:
@@ -137,20 +180,24 @@ class ServerCore:
         return self.check_token(header[len("Bearer ") :].strip())
 
     # -- requests -------------------------------------------------------------------------------
-    def unpack_obs(self, body: bytes | bytearray | memoryview) -> Any:
-        return codec.unpackb(body)
+    def unpack_obs(self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None) -> Any:
+        return codec.unpackb(body) if dialect is None else dialect.decode(body, self.meta.input_spec)
 
-    def decode_obs(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    def decode_obs(
+        self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
+    ) -> dict[str, Any]:
         """Body to a validated observation, on the calling thread (JPEG fields decoded here too)."""
-        obs = self.unpack_obs(body)
+        obs = self.unpack_obs(body, dialect)
         if has_jpeg(obs):
             self._decode_jpeg(obs)
         validate_request(obs, self.meta)  # input spec; 'rtc' only for policies that declare it
         return obs
 
-    async def decode_obs_async(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    async def decode_obs_async(
+        self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`decode_obs`, with JPEG decoding on the decode pool instead of the event loop."""
-        obs = self.unpack_obs(body)
+        obs = self.unpack_obs(body, dialect)
         if has_jpeg(obs):
             if self._decode_pool is None:
                 self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
@@ -186,10 +233,15 @@ class ServerCore:
             )
         return result
 
-    def _reply(self, result: Any, timing: dict[str, float], started: float, with_kind: bool) -> bytes:
+    def _reply(
+        self, result: Any, timing: dict[str, float], started: float, with_kind: bool, dialect: Dialect | None
+    ) -> bytes:
         if isinstance(result, BaseException):
             raise result
-        reply = dict(self.check_reply(result))
+        result = self.check_reply(result)
+        if dialect is not None:
+            return dialect.encode(result, timing, started)
+        reply = dict(result)
         policy_timing = reply.pop("policy_timing", None)
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
@@ -209,31 +261,43 @@ class ServerCore:
         return message
 
     async def infer(
-        self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, client: Any = None
+        self,
+        body: bytes | bytearray | memoryview,
+        *,
+        with_kind: bool = True,
+        client: Any = None,
+        dialect: Dialect | None = None,
     ) -> bytes:
         """INFER body in, RESULT message out (raises a Pi0RemoteError for the caller to encode).
 
-        ``client`` identifies the connection for batching (see :class:`PolicyRunner`).
+        ``client`` identifies the connection for batching (see :class:`PolicyRunner`); with ``dialect`` the
+        body and the reply are in that protocol's shape instead.
         """
         started = time.perf_counter()
-        obs = await self.decode_obs_async(body)
+        obs = await self.decode_obs_async(body, dialect)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
-        return self._reply(result, timing, started, with_kind)
+        return self._reply(result, timing, started, with_kind, dialect)
 
-    def infer_sync(self, body: bytes | bytearray | memoryview, *, with_kind: bool = True) -> bytes:
+    def infer_sync(
+        self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, dialect: Dialect | None = None
+    ) -> bytes:
         started = time.perf_counter()
-        return self._infer_unpacked(self.unpack_obs(body), started, with_kind)
+        return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
 
-    def _infer_unpacked(self, obs: Any, started: float, with_kind: bool) -> bytes:
+    def _infer_unpacked(self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None) -> bytes:
         if has_jpeg(obs):
             self._decode_jpeg(obs)
         validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = self.runner.run_sync(obs)
         timing["decode_ms"] = decode_ms
-        return self._reply(result, timing, started, with_kind)
+        return self._reply(result, timing, started, with_kind, dialect)
+
+    def can_answer_now(self) -> bool:
+        """True when an inference would run inline at once (an idle inline policy): no task needed."""
+        return self.runner.can_run_now()
 
     def hello(self, body: Any, session: Session) -> bytes:
         if not isinstance(body, dict):
@@ -295,6 +359,49 @@ class ServerCore:
         except Exception as exc:
             return self.error_message(exc), True
 
+    # -- HTTP -----------------------------------------------------------------------------------------
+    async def handle_http(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, client: Any = None
+    ) -> HttpReply:
+        """One HTTP request (header names lower-case, body already bounded) -> the reply. Never raises.
+
+        ``POST /infer`` and ``POST /reset`` carry msgpack bodies; ``GET /metadata`` (JSON when asked);
+        ``/healthz`` (no token; 503 while warming up); typed errors as msgpack, or JSON when the client
+        accepts JSON. ``client`` identifies the connection for batching.
+        """
+        wants_json = JSON in headers.get("accept", "")
+        if path == "/healthz":
+            status, word = self.health()
+            return HttpReply(status, JSON, json.dumps({"status": word}).encode())
+        expected = HTTP_METHODS.get(path)
+        if expected is None:
+            return self.http_error(404, ProtocolError(f"no endpoint {path}"), wants_json)
+        if not self.check_bearer(headers.get("authorization")):
+            return self.http_error(401, AuthenticationError("missing or wrong token"), wants_json)
+        if method != expected:
+            return self.http_error(405, ProtocolError(f"{path} takes {expected}"), wants_json)
+        if path == "/metadata":
+            if wants_json:
+                return HttpReply(200, JSON, json.dumps(self.metadata()).encode())
+            return HttpReply(200, MSGPACK, self.metadata_body())
+        if path == "/ws":
+            return self.http_error(400, ProtocolError("/ws needs a WebSocket upgrade"), wants_json)
+        try:
+            if path == "/infer":
+                return HttpReply(200, MSGPACK, await self.infer(body, with_kind=False, client=client))
+            await self.runner.areset()
+            return HttpReply(200, MSGPACK, codec.packb({}))
+        except Exception as exc:
+            return self.http_error(status_for(exc), exc, wants_json)
+
+    def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
+        if not isinstance(exc, Pi0RemoteError):
+            exc = RemotePolicyError(f"{type(exc).__name__}: {exc}")
+        body = to_wire(exc)
+        if wants_json:
+            return HttpReply(status, JSON, json.dumps(body).encode())
+        return HttpReply(status, MSGPACK, codec.packb(body))
+
     def error_message(self, exc: BaseException) -> bytes:
         if not isinstance(exc, Exception):
             raise exc
@@ -329,4 +436,4 @@ def has_jpeg(obs: Any) -> bool:
     return type(obs) is dict and dict in map(type, obs.values())  # maybe {"cam_high": {"jpeg": bytes}}
 
 
-__all__ = ["InvalidInputError", "ServerCore", "Session"]
+__all__ = ["Dialect", "HttpReply", "InvalidInputError", "ServerCore", "Session", "status_for"]

@@ -1,8 +1,9 @@
 """HTTP/1.1 and WebSocket on one port.
 
 ``POST /infer`` (msgpack body in, msgpack reply out), ``POST /reset``, ``GET /metadata``,
-``GET /healthz`` and ``GET /ws`` (WebSocket upgrade; the WebSocket side is the ``websockets``
-package's sans-I/O protocol). Persistent connections, ``Expect: 100-continue``, bodies bounded by the
+``GET /healthz`` (all answered by :meth:`ServerCore.handle_http`, the dispatch the ASGI app of a
+deployment shares) and ``GET /ws`` (WebSocket upgrade; the WebSocket side is the ``websockets``
+package's sans-I/O protocol, its messages go to :meth:`ServerCore.handle` like TCP's). Persistent connections, ``Expect: 100-continue``, bodies bounded by the
 server's message size limit. A small hand-written HTTP/1.1 parser instead of an ASGI stack: it serves
 only these endpoints and costs a fraction of a framework's per-request Python (docs/decisions.md).
 
@@ -20,9 +21,16 @@ import json
 from typing import Any
 
 from .. import protocol
-from ..errors import AuthenticationError, MessageTooLarge, Pi0RemoteError, ProtocolError, to_wire
+from ..errors import (
+    AuthenticationError,
+    MessageTooLarge,
+    Pi0RemoteError,
+    ProtocolError,
+    TransportMismatch,
+    to_wire,
+)
 from .connection import MessageConnection, linger_close, set_nodelay
-from .core import ServerCore, Session
+from .core import ServerCore, Session, status_for
 from .limits import admit_transport
 
 MAX_HEAD_BYTES = 16384
@@ -49,12 +57,16 @@ _STATUS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "policy_timeout": 503, "server": 500}
 
 
-def status_for(exc: BaseException) -> int:
-    code = exc.code if isinstance(exc, Pi0RemoteError) else "policy"
-    return _ERROR_STATUS.get(code, 400)
+def _not_http(data: bytes | bytearray) -> Pi0RemoteError:
+    """What a client that sent non-HTTP bytes (a pi0remote TCP frame, TLS) to this port is told."""
+    if len(data) >= 5 and data[4] in protocol.KIND_NAMES:
+        return TransportMismatch(
+            "a pi0remote TCP frame reached the HTTP/WebSocket port: use an http:// or ws:// URL here, "
+            "or tcp:// with the server's TCP port"
+        )
+    return ProtocolError("malformed HTTP request line")
 
 
 class _Request:
@@ -248,6 +260,9 @@ class HttpProtocol(asyncio.Protocol):
         """Parse the next head out of the buffer; False when there is none yet (or it was refused)."""
         if not self.buf:
             return False
+        if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so: fail fast
+            self._respond_error(400, _not_http(self.buf), close=True)
+            return False
         self._arm_head_timer()
         end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
         if end < 0:
@@ -323,51 +338,18 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(status, "application/msgpack", protocol.codec.packb(body), close=close)
 
     def _dispatch(self, request: _Request, body: bytes) -> None:
-        close = not self._keep_alive(request)
-        path, method = request.path, request.method
-        if path == "/healthz":
-            status, word = self.core.health()
-            self._respond(status, "application/json", json.dumps({"status": word}).encode(), close=close)
-            return
-        if path not in ("/infer", "/metadata", "/reset", "/ws"):
-            self._respond_error(404, ProtocolError(f"no endpoint {path}"), close=close, request=request)
-            return
-        if not self.core.check_bearer(request.headers.get("authorization")):
-            self._respond_error(
-                401, AuthenticationError("missing or wrong token"), close=close, request=request
-            )
-            return
-        if path == "/metadata" and method == "GET":
-            if "application/json" in request.headers.get("accept", ""):
-                self._respond(200, "application/json", json.dumps(self.core.metadata()).encode(), close=close)
-            else:
-                self._respond(200, "application/msgpack", self.core.metadata_body(), close=close)
-            return
-        expected = {"/infer": "POST", "/reset": "POST", "/ws": "GET"}.get(path)
-        if method != expected:
-            self._respond_error(405, ProtocolError(f"{path} takes {expected}"), close=close, request=request)
-            return
-        if path == "/ws":
-            self._respond_error(
-                400, ProtocolError("/ws needs a WebSocket upgrade"), close=close, request=request
-            )
-            return
-        kind = protocol.INFER if path == "/infer" else protocol.RESET
+        """Every endpoint is the core's (:meth:`ServerCore.handle_http`); this only writes the reply."""
         self.busy = True
         if self.conn is not None:
             self.conn.suspend_idle_timer()
-        asyncio.get_running_loop().create_task(self._run(kind, body, close, request))
+        asyncio.get_running_loop().create_task(self._run(request, body))
 
-    async def _run(self, kind: int, body: bytes, close: bool, request: _Request) -> None:
+    async def _run(self, request: _Request, body: bytes) -> None:
         try:
-            if kind == protocol.INFER:
-                reply = await self.core.infer(body, with_kind=False, client=id(self))
-            else:
-                await self.core.runner.areset()
-                reply = protocol.codec.packb({})
-            self._respond(200, "application/msgpack", reply, close=close)
-        except Exception as exc:
-            self._respond_error(status_for(exc), exc, close=close, request=request)
+            reply = await self.core.handle_http(
+                request.method, request.path, request.headers, body, client=id(self)
+            )
+            self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
         finally:
             self.busy = False
             if self.conn is not None and not self.conn._write_blocked:
@@ -506,3 +488,21 @@ class WebSocketSession:
 
     def connection_lost(self) -> None:
         self.conn.connection_lost()
+
+
+async def start(core: ServerCore, options: Any) -> Any:
+    """The ``http://`` and ``ws://`` listener on one port (:mod:`pi0remote.server.listener` protocol)."""
+    from .listener import StreamListener
+
+    loop = asyncio.get_running_loop()
+    kwargs = options.listener_kwargs()
+    srv = await loop.create_server(
+        lambda: HttpProtocol(core, debug=options.debug, **kwargs), options.host, options.port
+    )
+    listener = StreamListener(core, srv, [])
+    base = f"{options.url_host}:{listener.port}"
+    if "http" in options.transports:
+        listener.urls.append(f"http://{base}")
+    if "ws" in options.transports:
+        listener.urls.append(f"ws://{base}/ws")
+    return listener

@@ -115,3 +115,15 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         if self.conn is not None:
             self.conn.connection_lost()
         self.transport = None
+
+
+async def start(core: ServerCore, options: Any) -> Any:
+    """The ``tcp://`` listener (:mod:`pi0remote.server.listener` protocol)."""
+    from .listener import StreamListener
+
+    loop = asyncio.get_running_loop()
+    kwargs = options.listener_kwargs()
+    srv = await loop.create_server(lambda: FramedStreamProtocol(core, **kwargs), options.host, options.port)
+    listener = StreamListener(core, srv, [])
+    listener.urls.append(f"tcp://{options.url_host}:{listener.port}")
+    return listener
