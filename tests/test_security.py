@@ -150,7 +150,7 @@ def test_input_is_not_buffered_while_a_request_is_in_flight(srv) -> None:
     assert grown < 30, f"RSS grew {grown:.0f} MB"
 
 
-def test_pipelined_websocket_requests_never_read(srv, prober) -> None:
+def test_pipelined_websocket_requests_are_paused_not_buffered(srv, prober) -> None:
     from websockets.sync.client import connect as ws_connect
 
     from pi0remote.harness.obs import canonical_obs
@@ -171,12 +171,12 @@ def test_pipelined_websocket_requests_never_read(srv, prober) -> None:
 
         sender = threading.Thread(target=flood, daemon=True)
         sender.start()
-        sender.join(10.0)  # --write-stall-timeout 1: the server drops a client that does not read
-        dropped = not sender.is_alive()
+        sender.join(20.0)  # served at the policy's pace, 8 at a time, or dropped: either way bounded
+        finished = not sender.is_alive()
         ws.socket.close()
     grown = peak.stop() - base
     _check_prober(prober.stop())
-    assert dropped, "the server kept a client that never reads its replies"
+    assert finished
     assert grown < 60, f"peak RSS grew {grown:.0f} MB"
 
 

@@ -160,6 +160,27 @@ def test_per_address_and_total_connection_limits(trap) -> None:
     A.close_all(socks)
 
 
+def test_a_client_that_never_reads_its_replies_is_dropped() -> None:
+    limits = {"write_stall_timeout": 0.5}
+    with BackgroundServer(A.TrapPolicy(), token=A.TOKEN, limits=limits) as srv:
+        message = protocol.encode_message(
+            protocol.INFER, {**canonical_obs(), "trap": "huge", "huge_bytes": 2**18}
+        )
+        sock = A.attacker_socket(_addr(srv, "tcp"), timeout=0.5)
+        sock.sendall(A.hello_frame())
+        A.recv_frame(sock)
+        try:
+            for _ in range(200):  # 50 MB of replies that are never read
+                sock.sendall(protocol.frame_header(len(message)) + message)
+        except OSError:
+            pass  # the server stopped reading, or dropped us
+        deadline = time.monotonic() + 10
+        while srv.call(lambda: len(srv.server.core.transports)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.call(lambda: len(srv.server.core.transports)) == 0
+        sock.close()
+
+
 def test_preauth_byte_budget(trap) -> None:
     with A.attacker_socket(_addr(trap, "tcp")) as sock:
         sock.sendall(struct.pack("!I", 200_000) + bytes(100_000))  # 100 KB before any HELLO
