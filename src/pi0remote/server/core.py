@@ -246,6 +246,10 @@ class ServerCore:
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
+        if _payload_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
+            raise RemotePolicyError(
+                f"policy reply exceeds the message limit of {self.max_message_bytes} bytes"
+            )
         try:
             message = protocol.encode_result(reply, timing, started, with_kind=with_kind)
         except CodecError as exc:
@@ -413,6 +417,19 @@ def _declares_action(policy: Any) -> bool:
     """True when the policy states its action shape (its metadata), so replies are checked against it."""
     meta = getattr(policy, "metadata", None)
     return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def _payload_bytes(value: Any, depth: int = 0) -> int:
+    """A lower bound of ``value``'s encoded size: its arrays, bytes and strings (nested maps and lists)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if depth < 4 and isinstance(value, dict):
+        return sum(_payload_bytes(v, depth + 1) for v in value.values())
+    if depth < 4 and isinstance(value, (list, tuple)) and len(value) < 4096:
+        return sum(_payload_bytes(v, depth + 1) for v in value)
+    return 0
 
 
 def has_jpeg(obs: Any) -> bool:
