@@ -38,7 +38,7 @@ class CountingPolicy:
     """Counts executions; ``{"big": True}`` adds 3 KB to the reply, ``{"hold": True}`` waits for a release."""
 
     def __init__(self) -> None:
-        self.metadata = PolicyMetadata(name="count", input_spec={})
+        self.metadata = PolicyMetadata(name="count", input_spec={}, action_shape=(1, 14), action_horizon=1)
         self.calls = 0
         self.lock = threading.Lock()
         self.entered = threading.Event()

@@ -80,6 +80,8 @@ _DTYPE_CACHE: dict[Any, np.dtype] = {}
 
 
 def _checked_dtype(type_str: Any) -> np.dtype:
+    if not isinstance(type_str, (str, bytes)):
+        raise CodecError(f"bad array dtype field: {type_str!r:.40}")
     cached = _DTYPE_CACHE.get(type_str)
     if cached is not None:
         return cached
@@ -88,7 +90,7 @@ def _checked_dtype(type_str: Any) -> np.dtype:
         raise CodecError(f"bad array dtype field: {type_str!r:.40}")
     try:
         dtype = np.dtype(text)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # numpy parses dtype strings itself: "," raises SyntaxError
         raise CodecError(f"unknown array dtype {text!r}") from exc
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise CodecError(

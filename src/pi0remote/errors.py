@@ -20,6 +20,7 @@
     ├── AuthenticationError         missing or wrong token
     ├── InvalidInputError           an observation that does not match the policy's input spec
     ├── RemotePolicyError           the policy raised; carries the server's message, never a traceback
+    │   └── PolicyTimeout           the policy call passed the server's deadline (--policy-timeout)
     └── ServerError                 anything else the server reports
 
 Errors cross the wire as ``{"type": CODE, "message": str}`` where CODE is the ``code`` attribute of
@@ -117,6 +118,10 @@ class RemotePolicyError(Pi0RemoteError):
     code = "policy"
 
 
+class PolicyTimeout(RemotePolicyError):
+    code = "policy_timeout"
+
+
 class ServerError(Pi0RemoteError):
     code = "server"
 
@@ -142,6 +147,7 @@ _BY_CODE: dict[str, type[Pi0RemoteError]] = {
         AuthenticationError,
         InvalidInputError,
         RemotePolicyError,
+        PolicyTimeout,
         ServerError,
     )
 }

@@ -20,6 +20,7 @@ from typing import Any
 from .. import protocol
 from .._malloc import tune_malloc
 from .core import ServerCore, Session
+from .limits import Limits, quiet_accept_errors, resolve_token
 from .listener import LISTENERS, Listener, ListenerOptions
 
 ALL_TRANSPORTS = ("http", "ws", "tcp", "quic", "quic+tcp")
@@ -53,6 +54,7 @@ class PolicyServer:
         token: str | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float | None = 300.0,
+        limits: Limits | dict[str, Any] | None = None,
         # batching
         max_batch: int = 1,
         batch_window_ms: float = 2.0,
@@ -62,8 +64,15 @@ class PolicyServer:
         quic_options: dict[str, Any] | None = None,
         debug: bool = False,
     ) -> None:
+        self.limits = limits if isinstance(limits, Limits) else Limits.from_options(limits)
         self.core = ServerCore(
-            policy, name=name, token=token, max_batch=max_batch, batch_window_ms=batch_window_ms
+            policy,
+            name=name,
+            token=token,
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+            limits=self.limits,
+            max_message_bytes=max_message_bytes,
         )
         self.host = host
         self.http_port = http_port
@@ -130,6 +139,7 @@ class PolicyServer:
     async def start(self) -> list[str]:
         """Open every listener; returns their URLs (health reports not-ready until :meth:`warmup`)."""
         tune_malloc()
+        quiet_accept_errors(asyncio.get_running_loop())
         for name, port in self._wanted():
             listener = await _start_function(name)(self.core, self.listener_options(port))
             self.listeners[name] = listener
@@ -248,9 +258,11 @@ class BackgroundServer:
 __all__ = [
     "ALL_TRANSPORTS",
     "BackgroundServer",
+    "Limits",
     "Listener",
     "ListenerOptions",
     "PolicyServer",
     "ServerCore",
     "Session",
+    "resolve_token",
 ]

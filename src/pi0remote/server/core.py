@@ -6,15 +6,24 @@ listener, the ASGI app of a deployment) hands ``(method, path, headers, body)`` 
 :meth:`ServerCore.handle_http` and gets an :class:`HttpReply`. Another protocol (openpi's) is a
 :class:`Dialect`: its codec layout and its request/reply mapping, on the same decode-validate-run path.
 Nothing here touches a socket.
+
+Every decode step raises only pi0remote's typed errors; JPEG camera fields are size-checked from
+their header and decoded on a small pool, off the event loop; a policy's reply is checked against its
+declared action shape and dtype (and the message size limit) before it is sent, so a policy bug is a
+``policy`` error of that call and never a malformed message that breaks the client's connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from .. import __version__, codec, protocol
 from ..errors import (
@@ -27,8 +36,9 @@ from ..errors import (
     ServerError,
     to_wire,
 )
-from ..policies import PolicyMetadata, policy_metadata, validate_obs
-from .runner import PolicyRunner
+from ..policies import PolicyMetadata, policy_metadata, validate_request
+from .limits import ConnectionGate, Limits
+from .runner import DaemonExecutor, PolicyRunner
 
 
 @dataclass
@@ -47,12 +57,12 @@ class Dialect(Protocol):
     layout: str
     """The codec layout of its payloads (``pi0remote`` or ``openpi``)."""
 
-    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> Any:
         """Its request payload -> the canonical observation (validated by the core afterwards)."""
         ...
 
     def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
-        """The policy's canonical result -> its reply payload."""
+        """The policy's checked result -> its reply payload."""
         ...
 
 
@@ -69,7 +79,7 @@ MSGPACK = "application/msgpack"
 JSON = "application/json"
 HTTP_METHODS = {"/infer": "POST", "/reset": "POST", "/metadata": "GET", "/ws": "GET"}
 """Endpoints (besides ``/healthz``, any method) and the method each takes."""
-_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "server": 500}
+_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "policy_timeout": 503, "server": 500}
 
 
 def status_for(exc: BaseException) -> int:
@@ -88,16 +98,44 @@ class ServerCore:
         max_batch: int = 1,
         batch_window_ms: float = 0.0,
         extra_metadata: dict[str, Any] | None = None,
+        limits: Limits | None = None,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.policy = policy
         self.meta: PolicyMetadata = policy_metadata(policy, name)
+        self._declares_action = _declares_action(policy)
+        if token is not None and not isinstance(token, str):
+            raise TypeError("the token must be a string")
         self.token = token
-        self.runner = PolicyRunner(policy, max_batch=max_batch, batch_window_ms=batch_window_ms)
-        self.ready = False
+        self.limits = limits or Limits()
+        self.gate = ConnectionGate(self.limits)
+        self.max_message_bytes = max_message_bytes
+        self.runner = PolicyRunner(
+            policy, max_batch=max_batch, batch_window_ms=batch_window_ms, timeout=self.limits.policy_timeout
+        )
+        self._ready = False
+        self._decode_pool: DaemonExecutor | None = None
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
         self.transports: set[Any] = set()
         """Open client connections' transports, closed when the server stops."""
+
+    @property
+    def ready(self) -> bool:
+        """True once warm and while no policy call is stuck past ``--policy-timeout`` (``/healthz``)."""
+        return self._ready and not self.runner.stuck
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = bool(value)
+
+    def health(self) -> tuple[int, str]:
+        """HTTP status and word for ``/healthz``: 200 ok, 503 starting or stuck."""
+        if not self._ready:
+            return 503, "starting"
+        if self.runner.stuck:
+            return 503, "stuck"
+        return 200, "ok"
 
     # -- metadata and auth ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -123,14 +161,15 @@ class ServerCore:
         self.extra_metadata.update(values)
         self._metadata_cache = None
 
-    def check_token(self, presented: str | bytes | None) -> bool:
+    def check_token(self, presented: Any) -> bool:
+        """Constant-time comparison; anything but a str or bytes (an int, a map) is a wrong token."""
         if self.token is None:
             return True
-        if presented is None:
-            return False
         if isinstance(presented, str):
-            presented = presented.encode()
-        return hmac.compare_digest(presented, self.token.encode())
+            presented = presented.encode("utf-8", "surrogateescape")
+        if not isinstance(presented, (bytes, bytearray)):
+            return False
+        return hmac.compare_digest(bytes(presented), self.token.encode())
 
     def check_bearer(self, header: str | None) -> bool:
         """``Authorization: Bearer TOKEN`` as HTTP and WebSocket send it."""
@@ -141,32 +180,85 @@ class ServerCore:
         return self.check_token(header[len("Bearer ") :].strip())
 
     # -- requests -------------------------------------------------------------------------------
+    def unpack_obs(self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None) -> Any:
+        return codec.unpackb(body) if dialect is None else dialect.decode(body, self.meta.input_spec)
+
     def decode_obs(
         self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
     ) -> dict[str, Any]:
-        obs = codec.unpackb(body) if dialect is None else dialect.decode(body, self.meta.input_spec)
-        if type(obs) is dict and dict in map(type, obs.values()):  # maybe {"cam_high": {"jpeg": bytes}}
-            from ..jpeg import decode_jpeg_fields
-
-            decode_jpeg_fields(obs)
-        validate_obs(obs, self.meta.input_spec)
+        """Body to a validated observation, on the calling thread (JPEG fields decoded here too)."""
+        obs = self.unpack_obs(body, dialect)
+        if has_jpeg(obs):
+            self._decode_jpeg(obs)
+        validate_request(obs, self.meta)  # input spec; 'rtc' only for policies that declare it
         return obs
 
+    async def decode_obs_async(
+        self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
+    ) -> dict[str, Any]:
+        """Like :meth:`decode_obs`, with JPEG decoding on the decode pool instead of the event loop."""
+        obs = self.unpack_obs(body, dialect)
+        if has_jpeg(obs):
+            if self._decode_pool is None:
+                self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
+            await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode_jpeg, obs)
+        validate_request(obs, self.meta)
+        return obs
+
+    def _decode_jpeg(self, obs: dict[str, Any]) -> None:
+        from ..jpeg import decode_jpeg_fields
+
+        decode_jpeg_fields(
+            obs,
+            spec=self.meta.input_spec,
+            max_pixels=self.limits.max_jpeg_pixels,
+            max_total_bytes=self.max_message_bytes,
+        )
+
+    def check_reply(self, result: Any) -> dict[str, Any]:
+        """The policy's reply, or :class:`RemotePolicyError` when it breaks the policy's own declaration."""
+        if not isinstance(result, dict) or "action" not in result:
+            raise RemotePolicyError(f"policy returned {type(result).__name__} without an 'action' entry")
+        action = result["action"]
+        if not isinstance(action, np.ndarray) or action.dtype.kind not in "fiub":
+            kind = f"{action.dtype} array" if isinstance(action, np.ndarray) else type(action).__name__
+            raise RemotePolicyError(f"policy returned an action of {kind}, not a numeric array")
+        want_dtype = self.meta.extra.get("action_dtype")
+        if want_dtype is not None and action.dtype != np.dtype(want_dtype):
+            raise RemotePolicyError(f"policy returned a {action.dtype} action; it declares {want_dtype}")
+        if self._declares_action and action.shape != tuple(self.meta.action_shape):
+            raise RemotePolicyError(
+                f"policy returned an action of shape {list(action.shape)}; "
+                f"it declares {list(self.meta.action_shape)}"
+            )
+        return result
+
     def _reply(
-        self, result: Any, timing: dict[str, float], started: float, with_kind: bool, dialect: Dialect | None
+        self,
+        result: Any,
+        timing: dict[str, float],
+        started: float,
+        with_kind: bool,
+        dialect: Dialect | None = None,
     ) -> bytes:
         if isinstance(result, BaseException):
             raise result
-        if not isinstance(result, dict) or "action" not in result:
-            raise RemotePolicyError(f"policy returned {type(result).__name__} without an 'action' entry")
         if dialect is not None:
-            return dialect.encode(result, timing, started)
-        reply = dict(result)
+            return dialect.encode(self.check_reply(result), timing, started)
+        reply = dict(self.check_reply(result))
         policy_timing = reply.pop("policy_timing", None)
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
-        return protocol.encode_result(reply, timing, started, with_kind=with_kind)
+        try:
+            message = protocol.encode_result(reply, timing, started, with_kind=with_kind)
+        except CodecError as exc:
+            raise RemotePolicyError(f"policy reply cannot be sent: {exc}") from exc
+        if len(message) > self.max_message_bytes:
+            raise RemotePolicyError(
+                f"policy reply of {len(message)} bytes exceeds the message limit of {self.max_message_bytes}"
+            )
+        return message
 
     async def infer(
         self,
@@ -182,7 +274,7 @@ class ServerCore:
         body and the reply are in that protocol's shape instead.
         """
         started = time.perf_counter()
-        obs = self.decode_obs(body, dialect)
+        obs = await self.decode_obs_async(body, dialect)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
@@ -192,7 +284,14 @@ class ServerCore:
         self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, dialect: Dialect | None = None
     ) -> bytes:
         started = time.perf_counter()
-        obs = self.decode_obs(body, dialect)
+        return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
+
+    def _infer_unpacked(
+        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None
+    ) -> bytes:
+        if has_jpeg(obs):
+            self._decode_jpeg(obs)
+        validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = self.runner.run_sync(obs)
         timing["decode_ms"] = decode_ms
@@ -230,7 +329,11 @@ class ServerCore:
             if kind == protocol.INFER:
                 if not (blocking or self.runner.can_run_now()):
                     return None
-                return self.infer_sync(body), True
+                started = time.perf_counter()
+                obs = self.unpack_obs(body)
+                if has_jpeg(obs) and not blocking:
+                    return None  # decoded off the event loop by handle()
+                return self._infer_unpacked(obs, started, True), True
             if kind == protocol.RESET:
                 if not (blocking or self.runner.inline):
                     return None
@@ -265,13 +368,13 @@ class ServerCore:
         """One HTTP request (header names lower-case, body already bounded) -> the reply. Never raises.
 
         ``POST /infer`` and ``POST /reset`` carry msgpack bodies; ``GET /metadata`` (JSON when asked);
-        ``/healthz`` (no token; 503 while warming up); typed errors as msgpack, or JSON when the client
-        accepts JSON. ``client`` identifies the connection for batching.
+        ``/healthz`` (no token; 503 while warming up or stuck); typed errors as msgpack, or JSON when the
+        client accepts JSON. ``client`` identifies the connection for batching.
         """
         wants_json = JSON in headers.get("accept", "")
         if path == "/healthz":
-            payload = json.dumps({"status": "ok" if self.ready else "starting"}).encode()
-            return HttpReply(200 if self.ready else 503, JSON, payload)
+            status, word = self.health()
+            return HttpReply(status, JSON, json.dumps({"status": word}).encode())
         expected = HTTP_METHODS.get(path)
         if expected is None:
             return self.http_error(404, ProtocolError(f"no endpoint {path}"), wants_json)
@@ -294,8 +397,6 @@ class ServerCore:
             return self.http_error(status_for(exc), exc, wants_json)
 
     def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
-        if not isinstance(exc, Pi0RemoteError):
-            exc = RemotePolicyError(f"{type(exc).__name__}: {exc}")
         body = to_wire(exc)
         if wants_json:
             return HttpReply(status, JSON, json.dumps(body).encode())
@@ -310,6 +411,16 @@ class ServerCore:
             return protocol.encode_error(exc)
         except CodecError:
             return protocol.encode_error(ServerError("error message could not be encoded"))
+
+
+def _declares_action(policy: Any) -> bool:
+    """True when the policy states its action shape (its metadata), so replies are checked against it."""
+    meta = getattr(policy, "metadata", None)
+    return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def has_jpeg(obs: Any) -> bool:
+    return type(obs) is dict and dict in map(type, obs.values())  # maybe {"cam_high": {"jpeg": bytes}}
 
 
 __all__ = ["Dialect", "HttpReply", "InvalidInputError", "ServerCore", "Session", "status_for"]

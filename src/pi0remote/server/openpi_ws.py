@@ -92,8 +92,10 @@ def from_openpi_obs(obs: Any, input_spec: dict[str, Any] | None = None) -> dict[
         if isinstance(value, list):
             try:
                 value = out[key] = np.asarray(value, dtype=spec.dtype)
-            except (TypeError, ValueError):
-                continue  # validation names the problem
+            except (TypeError, ValueError, OverflowError) as exc:  # e.g. an image value above 255
+                raise InvalidInputError(
+                    f"{key!r}: cannot be read as {spec.dtype} {list(spec.shape)}: {exc}"
+                ) from None
         if not isinstance(value, np.ndarray) or value.dtype == np.dtype(spec.dtype):
             continue
         want = np.dtype(spec.dtype)
