@@ -23,7 +23,7 @@ from ..errors import (
     ReplyLost,
     TransportMismatch,
 )
-from ._sock import check_not_stale, close_quietly, host_port, open_socket, recv_into, send_all
+from ._sock import IdleCheck, check_not_stale, close_quietly, host_port, open_socket, recv_into, send_all
 from .session import AsyncBytePump, BytePump, ClientOptions, Message
 from .translate import httpx_table, mismatch_hint, translate
 
@@ -95,6 +95,7 @@ class HttpPump(BytePump):
         self.host, self.port = host_port(url, 443 if self.tls else 80)
         self.prefix = urlsplit(url).path.rstrip("/")
         self.sock: socket.socket | None = None
+        self.idle: IdleCheck | None = None
         self._buf = bytearray(MAX_HEAD)
         self._pending = bytearray()
         self._ok_kind = protocol.RESULT
@@ -105,6 +106,7 @@ class HttpPump(BytePump):
 
     def open(self) -> None:
         self.sock = open_socket(self.url, self.host, self.port, self.options.timeout, tls=self.tls)
+        self.idle = IdleCheck(self.sock, self.url)
         self._pending.clear()
 
     def send(self, message: Message) -> None:
@@ -115,7 +117,7 @@ class HttpPump(BytePump):
             head += f"Content-Type: application/msgpack\r\nContent-Length: {length}\r\n\r\n".encode()
         else:
             head += b"\r\n"
-        send_all(check_not_stale(self.sock, self.url), head, *body, url=self.url)
+        send_all(check_not_stale(self.idle, self.url), head, *body, url=self.url)
 
     def receive(self) -> bytearray:
         status, headers = self._read_head()
@@ -200,7 +202,7 @@ class HttpPump(BytePump):
 
     def close(self) -> None:
         close_quietly(self.sock)
-        self.sock = None
+        self.sock = self.idle = None
 
 
 class AsyncHttpPump(AsyncBytePump):
