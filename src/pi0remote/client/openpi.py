@@ -1,7 +1,8 @@
 """``openpi://host:port``: a stock openpi WebSocket policy server (``serve_policy.py``) behind ``connect()``.
 
-The transport speaks openpi's protocol (docs/openpi.md) and translates at the edge, so ``client.infer(obs)``
-looks the same as on every other transport:
+The pump speaks openpi's protocol (docs/openpi.md) as a dialect of pi0remote's messages (``_Dialect``: HELLO
+is answered from the server's first message, RESET locally, INFER and RESULT translated), so the same client
+session drives it and ``client.infer(obs)`` looks the same as on every other transport:
 
 * connect: WebSocket upgrade to ``ws://host:port/path`` (with ``token``: ``Authorization: Api-Key TOKEN``,
   as openpi's client sends it), then the server's first message is its metadata. ``client.metadata`` is
