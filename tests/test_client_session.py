@@ -200,6 +200,7 @@ def _swap(url: str, scheme: str, path: str = "") -> str:
         ("tcp", "http", "", "tcp://"),
         ("tcp", "ws", "/ws", "tcp://"),
         ("http", "tcp", "", "http://"),
+        ("http", "ws", "", "ws://"),  # the HTTP port without /ws: a 404, named, not retried
     ],
 )
 def test_transport_mismatch_fails_fast_naming_the_right_url(
