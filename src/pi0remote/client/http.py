@@ -24,7 +24,7 @@ from ..errors import (
     TransportMismatch,
 )
 from ._sock import IdleCheck, check_not_stale, close_quietly, host_port, open_socket, recv_into, send_all
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import httpx_table, mismatch_hint, translate
 
 ROUTES = {
@@ -88,7 +88,7 @@ class HttpPump(BytePump):
     accepts_parts = True
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         url = options.url
         self.tls = url.lower().startswith("https://")
@@ -212,7 +212,7 @@ class AsyncHttpPump(AsyncBytePump):
     scheme = "http"
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.client: Any = None
         self._reply: bytearray | None = None

@@ -39,7 +39,7 @@ from ..errors import (
     from_wire,
 )
 from ..server.openpi_ws import ERROR_PREFIX
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .ws import (
     BlockingWebSocket,
     async_ws_recv,
@@ -151,7 +151,7 @@ class _Dialect:
     INFER becomes openpi's observation and its reply a RESULT message.
     """
 
-    options: ClientOptions
+    options: TransportOptions
     metadata: dict[str, Any] | None = None
 
     def _headers(self) -> dict[str, str] | None:
@@ -203,7 +203,7 @@ class _Dialect:
 class OpenpiPump(_Dialect, BytePump):
     scheme = "openpi"
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws = BlockingWebSocket(
             options.url, ws_url(options.url), options.timeout, options.max_message_bytes, False
@@ -243,7 +243,7 @@ class OpenpiPump(_Dialect, BytePump):
 class AsyncOpenpiPump(_Dialect, AsyncBytePump):
     scheme = "openpi"
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws_url = ws_url(options.url)
         self.ws: Any = None

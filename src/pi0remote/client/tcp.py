@@ -24,7 +24,7 @@ from ._sock import (
     send_all,
     transport_stale,
 )
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import SOCKET, swap_scheme, translate
 
 DEFAULT_PORT = 8765
@@ -51,7 +51,7 @@ class TcpPump(BytePump):
     scheme = "tcp"
     accepts_parts = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.host, self.port = host_port(options.url, DEFAULT_PORT)
         self.sock: socket.socket | None = None
@@ -144,7 +144,7 @@ class AsyncTcpPump(AsyncBytePump):
     # one buffer: asyncio may keep a not-yet-written part past the call, and the caller owns the camera
     accepts_parts = False
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.host, self.port = host_port(options.url, DEFAULT_PORT)
         self.proto: _FrameProtocol | None = None

@@ -25,7 +25,7 @@ from ._sock import (
     send_all,
     transport_stale,
 )
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import swap_scheme, translate, websockets_table, ws_status_error
 
 
@@ -195,7 +195,7 @@ class WsPump(BytePump):
     accepts_parts = True
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         tls = options.url.lower().startswith("wss://")
         self.ws = BlockingWebSocket(options.url, options.url, options.timeout, options.max_message_bytes, tls)
@@ -217,7 +217,7 @@ class WsPump(BytePump):
         self.ws.close()
 
 
-async def open_async_websocket(url: str, options: ClientOptions, headers: dict[str, str] | None) -> Any:
+async def open_async_websocket(url: str, options: TransportOptions, headers: dict[str, str] | None) -> Any:
     """A ``websockets.asyncio`` connection with pi0remote's settings: no compression, no pings."""
     from websockets.asyncio.client import connect
 
@@ -269,7 +269,7 @@ class AsyncWsPump(AsyncBytePump):
     scheme = "ws"
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws: Any = None
         self.idle: IdleCheck | None = None
