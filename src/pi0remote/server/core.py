@@ -115,6 +115,8 @@ class ServerCore:
         )
         self._ready = False
         self._decode_pool: DaemonExecutor | None = None
+        self.load = self.runner.load
+        """Connected robots and recent call counters (server/stats.py), published by a fleet."""
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
         self.transports: set[Any] = set()
@@ -313,6 +315,7 @@ class ServerCore:
             if not self.check_token(body.get("token")):
                 raise AuthenticationError("missing or wrong token")
             session.authenticated = True
+        self.load.session_opened(session)
         return protocol.encode_message(protocol.METADATA, self.metadata())
 
     def handle_now(
