@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from pi0remote.harness.bench import build_parser, run_clients
+from pi0remote.harness.bench import parse_config, run_clients
 
 THROUGHPUT_TARGET = 2.5
 P95_TARGET = 1.6
@@ -37,7 +37,7 @@ def measure(max_batch: int, a: argparse.Namespace) -> dict:
     ]
     if a.batch_window_ms is not None:
         argv += ["--batch-window-ms", str(a.batch_window_ms)]
-    return run_clients(build_parser().parse_args(argv), lambda m: print(m, file=sys.stderr))
+    return run_clients(parse_config(argv), lambda m: print(m, file=sys.stderr))
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from pi0remote import connect
+from pi0remote._malloc import tune_malloc
 from pi0remote.harness.floor import compare_to_floor, print_report
 from pi0remote.harness.obs import canonical_obs
 from pi0remote.harness.procs import ServerProcess
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     obs = canonical_obs(0)
+    tune_malloc()  # this process measures latency, so it opts in as a robot loop would (docs/decisions.md)
     threaded = ["--policy", "sleep:0", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]
     with (
         ServerProcess(["--policy", "zeros", "--http-port", "0", "--tcp-port", "0"]) as srv,

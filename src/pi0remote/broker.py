@@ -34,6 +34,14 @@ What one :meth:`ActionChunkBroker.act` call does, at control step ``k`` and time
    ``k`` the broker *holds*: it returns the last target again (``last.fresh`` is False, a *stall*), or
    ``None`` before any chunk has arrived (the robot should keep its current pose).
 
+**Real-time chunking** (``rtc=True``, for servers whose policy declares ``"rtc": true``; see
+docs/rtc.md): each request also carries ``"rtc": {"prefix": rest, "delay_steps": d}``, where ``rest``
+is what is queued from step ``k`` on (the unexecuted rest of the current chunk, ``prefix[i]`` the
+target for step ``k + i``) and ``d`` the largest delay, in ticks, among the last ``auto_window``
+replies (rounded up, clipped to ``[1, len(rest)]``). The server guides the new chunk so that its first
+``d`` actions continue ``rest``; on arrival it replaces the queue from the step it is aligned to, with
+no blending. A request made while nothing is queued (the first one, after a stall) carries no prefix.
+
 How requests travel is pluggable (a :class:`Requester`):
 
 * :class:`ThreadRequester` (the default): ``client.infer`` runs on one background thread; a reply is
@@ -91,6 +99,10 @@ class Arrival:
     """Actions of this chunk placed in the queue."""
     superseded: bool = False
     """Arrived after the chunk of a newer request and was discarded."""
+    rtc_delay_steps: int | None = None
+    """Real-time chunking: the ``d`` the request carried (None: no ``rtc`` field)."""
+    rtc_prefix_len: int = 0
+    """Real-time chunking: length ``n`` of the prefix the request carried."""
 
     @property
     def delay_steps(self) -> int | None:
@@ -288,6 +300,9 @@ class ActionChunkBroker:
 
     ``blend``: ``"latest"`` or ``"linear"`` (see the module docstring). A chunk from an *older* request
     than one already merged (replies overtaking each other) is discarded (``Arrival.superseded``).
+
+    ``rtc``: real-time chunking (see the module docstring): requests carry the rest of the queue as
+    the prefix the new chunk must continue; needs ``blend="latest"`` and one request in flight.
     """
 
     def __init__(
@@ -302,6 +317,7 @@ class ActionChunkBroker:
         dt: float = DEFAULT_DT,
         auto_margin: int = 2,
         auto_window: int = 5,
+        rtc: bool = False,
     ) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
@@ -311,6 +327,8 @@ class ActionChunkBroker:
             raise ValueError(f"horizon must be positive, got {horizon}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
+        if rtc and (blend != "latest" or max_in_flight != 1):
+            raise ValueError("rtc replaces the queue with the new chunk: use blend='latest', max_in_flight=1")
         if requester is None:
             if client is None:
                 raise ValueError("give a client or a requester")
@@ -323,6 +341,7 @@ class ActionChunkBroker:
         self.dt = dt
         self.auto_margin = auto_margin
         self.auto_window = auto_window
+        self.rtc = bool(rtc)
         self.history: list[Arrival] = []
         """Every request of this episode, in order (the last ones may still be in flight)."""
         self.last: Tick | None = None
@@ -420,7 +439,8 @@ class ActionChunkBroker:
             record = Arrival(step=step, sent_at=now)
             self.history.append(record)
             self._flying.append(record)
-            self.requester.submit(obs() if callable(obs) else obs, record)
+            request = obs() if callable(obs) else obs
+            self.requester.submit(self.with_prefix(request, step, record) if self.rtc else request, record)
             requested = True
             arrived += self._collect(step, now)  # a zero-delay reply counts on this tick
         while self._queue and self._queue[0][0] < step:
@@ -438,6 +458,28 @@ class ActionChunkBroker:
                 self.stalls += 1
         self.last = Tick(step, action, fresh, requested, arrived)
         return action
+
+    def rtc_delay(self, prefix_len: int) -> int:
+        """``d`` for a request now: the largest recent delay in ticks, clipped to ``[1, prefix_len]``."""
+        return min(max(max(self._auto_delays, default=1), 1), prefix_len)
+
+    def with_prefix(self, obs: dict[str, Any], step: int, record: Arrival | None = None) -> dict[str, Any]:
+        """``obs`` plus the ``rtc`` field for a request made at ``step`` (unchanged when nothing is
+        queued for ``step``). The caller's dict is not modified."""
+        rest = []
+        for s, action in self._queue:
+            if s < step:  # executed already (act drops these after the request goes out)
+                continue
+            if s != step + len(rest):
+                break
+            rest.append(action)
+        if not rest:
+            return obs
+        d = self.rtc_delay(len(rest))
+        if record is not None:
+            record.rtc_delay_steps, record.rtc_prefix_len = d, len(rest)
+        prefix = np.asarray(np.stack(rest), dtype=np.float32)
+        return {**obs, "rtc": {"prefix": prefix, "delay_steps": d}}
 
     def _collect(self, step: int, now: float) -> list[Arrival]:
         merged = []

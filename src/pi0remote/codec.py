@@ -2,9 +2,11 @@
 
 Rules (docs/protocol.md has the byte-level description):
 
-* Arrays travel as maps in the msgpack-numpy layout ``{b"nd": True, b"type": dtype.str, b"kind": b"",
-  b"shape": [...], b"data": <bin>}``; numpy scalars as ``{b"nd": False, b"type": ..., b"data": <bin>}``.
-  openpi's layout (``{b"__ndarray__": True, b"data", b"dtype", b"shape"}``) is decoded too.
+* Arrays travel as maps in one of two *layouts*, chosen by ``layout=`` when encoding:
+  ``"pi0remote"`` (msgpack-numpy's: ``{b"nd": True, b"type": dtype.str, b"kind": b"", b"shape": [...],
+  b"data": <bin>}``; numpy scalars ``{b"nd": False, b"type": ..., b"data": <bin>}``) or ``"openpi"``
+  (``{b"__ndarray__": True, b"data", b"dtype", b"shape"}``; numpy scalars ``{b"__npgeneric__": True,
+  b"data": <number>, b"dtype"}``). Decoding accepts both, always.
 * Never pickle. Only bool, signed/unsigned integer, float and complex dtypes are accepted; object, void,
   string and datetime dtypes are rejected with :class:`~pi0remote.errors.CodecError`.
 * Arrays are encoded from the array's own memory (no ``tobytes`` copy when C-contiguous) and decoded as
@@ -24,23 +26,53 @@ ALLOWED_KINDS = frozenset("biufc")
 """numpy dtype kinds that may cross the wire: bool, int, uint, float, complex."""
 
 
-def _encode_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in ALLOWED_KINDS:
-            raise CodecError(
-                f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
-            )
-        if not obj.flags.c_contiguous:
-            obj = np.ascontiguousarray(obj)
-        data = memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes()
-        return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
+LAYOUTS = ("pi0remote", "openpi")
+
+
+def _array_bytes(obj: np.ndarray) -> tuple[np.ndarray, Any]:
+    if obj.dtype.kind not in ALLOWED_KINDS:
+        raise CodecError(
+            f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
+        )
+    if not obj.flags.c_contiguous:
+        obj = np.ascontiguousarray(obj)
+    return obj, (memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes())
+
+
+def _other(obj: Any) -> Any:
     if isinstance(obj, np.generic):
-        if obj.dtype.kind not in ALLOWED_KINDS:
-            raise CodecError(f"cannot send numpy scalars of dtype {obj.dtype}")
-        return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
+        raise CodecError(f"cannot send numpy scalars of dtype {obj.dtype}")
     if isinstance(obj, (set, frozenset)):
         return list(obj)
     raise CodecError(f"cannot encode objects of type {type(obj).__name__}")
+
+
+def _encode_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        obj, data = _array_bytes(obj)
+        return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
+    if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
+        return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
+    return _other(obj)
+
+
+def _encode_openpi(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        obj, data = _array_bytes(obj)
+        return {b"__ndarray__": True, b"data": data, b"dtype": obj.dtype.str, b"shape": obj.shape}
+    if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    return _other(obj)
+
+
+_DEFAULTS = {"pi0remote": _encode_default, "openpi": _encode_openpi}
+
+
+def _default_for(layout: str) -> Any:
+    try:
+        return _DEFAULTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown codec layout {layout!r}; choose from {LAYOUTS}") from None
 
 
 _DTYPE_CACHE: dict[Any, np.dtype] = {}
@@ -48,6 +80,8 @@ _DTYPE_CACHE: dict[Any, np.dtype] = {}
 
 
 def _checked_dtype(type_str: Any) -> np.dtype:
+    if not isinstance(type_str, (str, bytes)):
+        raise CodecError(f"bad array dtype field: {type_str!r:.40}")
     cached = _DTYPE_CACHE.get(type_str)
     if cached is not None:
         return cached
@@ -56,7 +90,7 @@ def _checked_dtype(type_str: Any) -> np.dtype:
         raise CodecError(f"bad array dtype field: {type_str!r:.40}")
     try:
         dtype = np.dtype(text)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # numpy parses dtype strings itself: "," raises SyntaxError
         raise CodecError(f"unknown array dtype {text!r}") from exc
     if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise CodecError(
@@ -94,27 +128,42 @@ def _decode_hook(obj: dict) -> Any:
     if obj.get(b"__ndarray__") is True:
         return _array_from(obj.get(b"data"), obj.get(b"dtype"), obj.get(b"shape"))
     if obj.get(b"__npgeneric__") is True:
-        return _array_from(obj.get(b"data"), obj.get(b"dtype"), [])[()]
+        data = obj.get(b"data")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return _array_from(data, obj.get(b"dtype"), [])[()]
+        return _scalar_from(data, obj.get(b"dtype"))
     return obj
 
 
-def packb(obj: Any) -> bytes:
-    """Encode ``obj`` (dicts, lists, str, numbers, bytes, numpy arrays and scalars) to msgpack bytes."""
+def _scalar_from(value: Any, type_str: Any) -> Any:
+    """openpi writes a numpy scalar's value as a plain msgpack number (``item()``), not as bytes."""
+    dtype = _checked_dtype(type_str)
+    if not isinstance(value, (bool, int, float)):
+        raise CodecError(f"bad numpy scalar value {value!r:.40}")
     try:
-        return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
+        return dtype.type(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
+
+
+def packb(obj: Any, *, layout: str = "pi0remote") -> bytes:
+    """Encode ``obj`` (dicts, lists, str, numbers, bytes, numpy arrays and scalars) to msgpack bytes."""
+    default = _encode_default if layout == "pi0remote" else _default_for(layout)
+    try:
+        return msgpack.packb(obj, default=default, use_bin_type=True)
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode payload: {exc}") from exc
 
 
-def new_packer() -> msgpack.Packer:
+def new_packer(layout: str = "pi0remote") -> msgpack.Packer:
     """A packer with the same rules as :func:`packb`, for building a message piece by piece."""
-    return msgpack.Packer(default=_encode_default, use_bin_type=True, autoreset=False)
+    return msgpack.Packer(default=_default_for(layout), use_bin_type=True, autoreset=False)
 
 
 def unpackb(data: bytes | bytearray | memoryview) -> Any:
-    """Decode msgpack produced by :func:`packb` (or by msgpack-numpy / openpi's client)."""
+    """Decode msgpack in either layout (:func:`packb`'s, msgpack-numpy's, openpi's); never a pickle."""
     try:
         return msgpack.unpackb(data, object_hook=_decode_hook, raw=False)
     except CodecError:

@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__, codec, protocol
-from .errors import AuthenticationError, MessageTooLarge, ProtocolError, to_wire
+from .errors import MessageTooLarge, to_wire
 
 logger = logging.getLogger("pi0remote.deploy")
 
@@ -723,34 +723,7 @@ class PolicyAsgiApp:
     async def _http(
         self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[..., Any]
     ) -> None:
-        from .server.http import status_for
-
-        path, method = scope.get("path", "/"), scope.get("method", "GET")
-        core = self.core
-        if path == "/healthz":
-            ready = bool(core.ready)
-            body = json.dumps({"status": "ok" if ready else "starting"}).encode()
-            await self._respond(send, 200 if ready else 503, "application/json", body)
-            return
-        if path not in ("/infer", "/metadata", "/reset", "/ws"):
-            await self._error(send, scope, 404, ProtocolError(f"no endpoint {path}"))
-            return
-        if not core.check_bearer(self._header(scope, b"authorization")):
-            await self._error(send, scope, 401, AuthenticationError("missing or wrong token"))
-            return
-        if path == "/metadata" and method == "GET":
-            if "application/json" in (self._header(scope, b"accept") or ""):
-                await self._respond(send, 200, "application/json", json.dumps(core.metadata()).encode())
-            else:
-                await self._respond(send, 200, "application/msgpack", core.metadata_body())
-            return
-        expected = {"/infer": "POST", "/reset": "POST", "/ws": "GET"}.get(path)
-        if method != expected:
-            await self._error(send, scope, 405, ProtocolError(f"{path} takes {expected}"))
-            return
-        if path == "/ws":
-            await self._error(send, scope, 400, ProtocolError("/ws needs a WebSocket upgrade"))
-            return
+        """Read the bounded body, then the core's own dispatch (:meth:`ServerCore.handle_http`) answers."""
         try:
             body = await self._read_body(receive)
         except ConnectionError:
@@ -759,16 +732,10 @@ class PolicyAsgiApp:
             exc = MessageTooLarge(f"body exceeds the limit of {self.max_message_bytes} bytes")
             await self._error(send, scope, 413, exc)
             return
-        try:
-            if path == "/infer":
-                reply = await self._on_core_loop(lambda: core.infer(body, with_kind=False))
-            else:
-                await self._on_core_loop(core.runner.areset)
-                reply = codec.packb({})
-        except Exception as exc:
-            await self._error(send, scope, status_for(exc), exc)
-            return
-        await self._respond(send, 200, "application/msgpack", reply)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+        method, path, core = scope.get("method", "GET"), scope.get("path", "/"), self.core
+        reply = await self._on_core_loop(lambda: core.handle_http(method, path, headers, body))
+        await self._respond(send, reply.status, reply.content_type, reply.body)
 
     # -- WebSocket --------------------------------------------------------------------------------------
     async def _websocket(

@@ -5,15 +5,22 @@
     Pi0RemoteError
     ├── TransportError              the connection could not be made or was lost
     │   ├── ConnectError            connect failed after the bounded retries
+    │   │   └── MissingDependency   the URL's transport needs an extra that is not installed
     │   ├── ConnectionLost          the peer went away mid-call
+    │   │   ├── ReplyLost           ... after the request was sent: it may have run, so it is not resent
+    │   │   └── RequestNotDelivered ... and the peer provably never got the whole request: resent once
     │   └── RequestTimeout          no reply within the per-call timeout
     ├── ProtocolError               bytes that do not follow docs/protocol.md
     │   ├── CodecError              payload that is not valid pi0remote msgpack
     │   ├── MessageTooLarge         a message over the size limit
-    │   └── VersionMismatch         client and server speak different protocol versions
+    │   ├── VersionMismatch         client and server speak different protocol versions
+    │   └── TransportMismatch       the server speaks another transport (an HTTP port for tcp://, ...)
+    ├── InvalidURL                  a URL connect() cannot use (also a ValueError)
+    │   └── UnknownScheme           a scheme no transport serves
     ├── AuthenticationError         missing or wrong token
     ├── InvalidInputError           an observation that does not match the policy's input spec
     ├── RemotePolicyError           the policy raised; carries the server's message, never a traceback
+    │   └── PolicyTimeout           the policy call passed the server's deadline (--policy-timeout)
     └── ServerError                 anything else the server reports
 
 Errors cross the wire as ``{"type": CODE, "message": str}`` where CODE is the ``code`` attribute of
@@ -42,6 +49,29 @@ class ConnectionLost(TransportError):
     code = "connection_lost"
 
 
+class ReplyLost(ConnectionLost):
+    """The connection dropped after the request was sent: the server may have run it.
+
+    The client never sends such a request again on its own (a policy with memory would see it twice);
+    the next call opens a fresh connection.
+    """
+
+    code = "reply_lost"
+
+
+class RequestNotDelivered(ConnectionLost):
+    """The connection dropped and the peer provably never received the whole request (QUIC: none of it was
+    acknowledged), so the client sends it once more on a fresh connection."""
+
+    code = "not_delivered"
+
+
+class MissingDependency(ConnectError, ImportError):
+    """A transport whose optional dependency is not installed; the message names the extra."""
+
+    code = "missing_dependency"
+
+
 class RequestTimeout(TransportError):
     code = "timeout"
 
@@ -62,6 +92,20 @@ class VersionMismatch(ProtocolError):
     code = "version"
 
 
+class TransportMismatch(ProtocolError):
+    """The peer answered in another transport's bytes; the message names the URL that likely works."""
+
+    code = "transport_mismatch"
+
+
+class InvalidURL(Pi0RemoteError, ValueError):
+    code = "invalid_url"
+
+
+class UnknownScheme(InvalidURL):
+    code = "unknown_scheme"
+
+
 class AuthenticationError(Pi0RemoteError):
     code = "auth"
 
@@ -72,6 +116,10 @@ class InvalidInputError(Pi0RemoteError):
 
 class RemotePolicyError(Pi0RemoteError):
     code = "policy"
+
+
+class PolicyTimeout(RemotePolicyError):
+    code = "policy_timeout"
 
 
 class ServerError(Pi0RemoteError):
@@ -85,14 +133,21 @@ _BY_CODE: dict[str, type[Pi0RemoteError]] = {
         TransportError,
         ConnectError,
         ConnectionLost,
+        ReplyLost,
+        RequestNotDelivered,
+        MissingDependency,
         RequestTimeout,
         ProtocolError,
         CodecError,
         MessageTooLarge,
         VersionMismatch,
+        TransportMismatch,
+        InvalidURL,
+        UnknownScheme,
         AuthenticationError,
         InvalidInputError,
         RemotePolicyError,
+        PolicyTimeout,
         ServerError,
     )
 }

@@ -1,10 +1,5 @@
-"""``python -m pi0remote.eval``: success rate of a policy on gym-aloha, through any transport.
-
-    python -m pi0remote.eval --policy expert --episodes 10
-    python -m pi0remote.eval --policy-url tcp://127.0.0.1:8765 --episodes 10
-    python -m pi0remote.eval --policy expert --compare tcp://127.0.0.1:8765 ws://127.0.0.1:8000/ws
-    python -m pi0remote.eval --policy expert --no-images --clock realtime --latency 300ms --exec async
-    python -m pi0remote.eval --policy expert --no-images --sweep-latency 0,100,300 --exec blocking,async
+"""``pi0remote eval`` (also ``python -m pi0remote.eval``): success rate of a policy on gym-aloha, through
+any transport (extra ``sim``).
 
 Every mode runs the same seeds (``--seed``, ``--seed + 1``, ...). Results go to a timestamped folder
 under ``--out``: episodes.jsonl, aggregate.json, summary.md and success_rate.png (plus sweep.json and
@@ -15,20 +10,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from . import cli
+from .options import ClientOptions
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pi0remote.eval", description=__doc__.splitlines()[0])
-    add_common_arguments(p, episodes=10)
-    p.add_argument("--out", default="results/eval", help="parent of the timestamped results folder")
+EXAMPLES = """examples:
+  pi0remote eval --policy expert --episodes 10
+  pi0remote eval --url tcp://127.0.0.1:8765 --episodes 10 --token-file token.txt
+  pi0remote eval --policy expert --compare tcp://127.0.0.1:8765 ws://127.0.0.1:8000/ws
+  pi0remote eval --policy expert --no-images --clock realtime --latency 300ms --exec async
+  pi0remote eval --policy expert --no-images --sweep-latency 0,100,300 --exec blocking,async
+  pi0remote eval --policy flow --no-images --clock realtime --latency 300ms --exec rtc
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p, episodes=10, out="results/eval")
     p.add_argument(
         "--no-images", action="store_true", help="do not render or send cam_high (state-only policies)"
     )
     add_latency_arguments(p)
-    return p
 
 
 def add_latency_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,9 +47,10 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
         "request is in flight (default when --latency or --sweep-latency is given)",
     )  # fmt: skip
     g.add_argument(
-        "--exec", dest="strategy", default="blocking", metavar="blocking|async",
+        "--exec", dest="strategy", default="blocking", metavar="blocking|async|async-linear|rtc",
         help="blocking: ask, wait, run --action-horizon steps; async: ask ahead (--prefetch-at), blend the "
-        "overlap. A comma list with --sweep-latency",
+        "overlap (async-latest / async-linear: with that --blend); rtc: ask ahead, the flow policy continues "
+        "the rest of the current chunk (docs/rtc.md). A comma list with --sweep-latency",
     )  # fmt: skip
     g.add_argument(
         "--latency", default=None, metavar="300ms[±50ms]",
@@ -50,7 +58,7 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
         "(uniform jitter, seeded per episode)",
     )  # fmt: skip
     g.add_argument(
-        "--netem", default=None, metavar="SPEC",
+        "--netem", default=None, metavar="SPEC", type=cli.netem_spec,
         help="put the WAN emulator in front of every mode (e.g. delay=150ms,jitter=10ms: each direction); "
         "a policy name is served by a local server subprocess first. The realtime clock then uses the "
         "measured round trip",
@@ -77,28 +85,36 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def add_common_arguments(p: argparse.ArgumentParser, episodes: int) -> None:
-    """Arguments shared with ``python -m pi0remote.record``."""
+def add_common_arguments(p: argparse.ArgumentParser, episodes: int, out: str) -> None:
+    """Arguments shared with ``pi0remote record``: what to evaluate, how to connect, where results go."""
     g = p.add_mutually_exclusive_group()
+    cli.add_target(g)
     g.add_argument(
-        "--policy-url", metavar="URL", help="a running server: tcp://, http://, ws://, local://NAME ..."
-    )
-    g.add_argument(
-        "--policy", metavar="NAME", help="run a policy in process (expert, zeros, pi0, module:attr)"
-    )
+        "--policy", metavar="NAME", type=cli.policy_name,
+        help="run a policy in process (expert, zeros, pi0, module:attr)",
+    )  # fmt: skip
     p.add_argument("--compare", nargs="+", default=[], metavar="URL_OR_NAME", help="more modes, same seeds")
-    p.add_argument("--task", default="AlohaTransferCube-v0", help="AlohaTransferCube-v0 or AlohaInsertion-v0")
-    p.add_argument("--episodes", type=int, default=episodes)
-    p.add_argument("--seed", type=int, default=0, help="first seed; episode i uses seed + i")
-    p.add_argument("--action-horizon", type=int, default=10, help="steps executed from each 50-step chunk")
-    p.add_argument("--max-steps", type=int, default=400)
+    g = p.add_argument_group("episodes")
+    g.add_argument("--task", default="AlohaTransferCube-v0", help="AlohaTransferCube-v0 or AlohaInsertion-v0")
+    g.add_argument("--episodes", type=int, default=episodes)
+    g.add_argument("--seed", type=int, default=0, help="first seed; episode i uses seed + i")
+    g.add_argument("--action-horizon", type=int, default=10, help="steps executed from each 50-step chunk")
+    g.add_argument("--max-steps", type=int, default=400)
+    cli.add_client_options(p)
+    cli.add_output(p, out=out)
 
 
 def modes_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    first = args.policy_url or args.policy
+    first = args.url or args.policy
     modes = ([first] if first else []) + list(args.compare)
     if not modes:
-        parser.error("give --policy-url URL, --policy NAME or --compare ...")
+        parser.error("give --url URL, --policy NAME or --compare ...")
+    for mode in modes:
+        if "://" not in mode:
+            try:
+                cli.policy_name(mode)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"argument --compare: {exc}")
     if args.episodes < 1 or args.action_horizon < 1 or args.max_steps < 1:
         parser.error("--episodes, --action-horizon and --max-steps must be positive")
     return modes
@@ -154,13 +170,15 @@ def latency_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 @contextlib.contextmanager
-def netem_clients(modes: list[str], spec: str) -> Iterator[dict[str, Any]]:
+def netem_clients(
+    modes: list[str], spec: str, options: ClientOptions | None = None
+) -> Iterator[dict[str, Any]]:
     """A client per mode through the WAN emulator (:class:`pi0remote.harness.netem.NetemGroup`); a policy
-    name (or ``local://NAME``) is first served by a ``pi0remote.serve`` subprocess on loopback TCP."""
-    from . import connect
+    name (or ``local://NAME``) is first served by a ``pi0remote serve`` subprocess on loopback TCP."""
     from .harness.netem import NetemGroup
     from .harness.procs import ServerProcess
 
+    options = options or ClientOptions()
     with contextlib.ExitStack() as stack:
         urls: dict[str, str] = {}
         for mode in modes:
@@ -169,44 +187,99 @@ def netem_clients(modes: list[str], spec: str) -> Iterator[dict[str, Any]]:
                 continue
             name = mode.removeprefix("local://")
             server = stack.enter_context(
-                ServerProcess(
-                    ["--policy", name, "--host", "127.0.0.1", "--tcp-port", "0", "--http-port", "0"]
-                )
+                ServerProcess(["--policy", name, "--host", "127.0.0.1", "--tcp-port", "0"])
             )
             urls[mode] = server.url("tcp")
         group = stack.enter_context(NetemGroup(list(urls.values()), spec))
         clients = {}
         for mode, url in urls.items():
-            clients[mode] = stack.enter_context(connect(group.url_for(url)))
-            print(f"{mode}: {group.url_for(url)} (netem {group.spec.describe()})")
+            clients[mode] = stack.enter_context(options.connect(group.url_for(url)))
+            print(f"{mode}: {group.url_for(url)} (netem {group.spec.describe()})", file=sys.stderr)
         yield clients
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def require_sim() -> None:
+    """gym-aloha and MuJoCo, or an ImportError naming the ``sim`` extra."""
+    try:
+        import gym_aloha  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"the simulator is not installed ({exc})", name=getattr(exc, "name", None) or "gym_aloha"
+        ) from None
+
+
+@contextlib.contextmanager
+def open_clients(modes: list[str], options: ClientOptions, netem: str | None) -> Iterator[dict[str, Any]]:
+    """Clients for the URL modes (policy names run in process, opened by the harness)."""
+    if netem:
+        with netem_clients(modes, netem, options) as clients:
+            yield clients
+        return
+    with contextlib.ExitStack() as stack:
+        yield {
+            m: stack.enter_context(options.connect(m))
+            for m in modes
+            if "://" in m and not m.startswith("local://")
+        }
+
+
+@dataclass
+class EvalCommand:
+    """A parsed ``pi0remote eval`` command line."""
+
+    modes: list[str]
+    config: Any
+    """:class:`pi0remote.harness.eval.EvalConfig`."""
+    client: ClientOptions = field(default_factory=ClientOptions)
+    strategies: list[str] = field(default_factory=lambda: ["blocking"])
+    sweep: list[float] | None = None
+    json: bool = False
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EvalCommand:
     modes = modes_from_args(parser, args)
     opts = latency_options(parser, args)
     strategies, sweep = opts.pop("strategies"), opts.pop("sweep")
     if sweep is not None and len(modes) > 1:
         parser.error("--sweep-latency evaluates one mode (drop --compare)")
-    from .harness.eval import EvalConfig, evaluate
+    from .harness.eval import EvalConfig
 
     cfg = EvalConfig(
         task=args.task, episodes=args.episodes, seed=args.seed, action_horizon=args.action_horizon,
         max_steps=args.max_steps, images=not args.no_images, out=args.out, **opts,
     )  # fmt: skip
-    if sweep is not None:
-        from .harness.sweep import run_sweep
+    return EvalCommand(modes, cfg, cli.client_options(args), strategies, sweep, args.json)
 
-        run_sweep(modes[0], cfg, sweep, strategies)
-    elif cfg.netem:
-        with netem_clients(modes, cfg.netem) as clients:
-            evaluate(modes, cfg, clients=clients)
-    else:
-        evaluate(modes, cfg)
+
+def print_json(results_dir: Any, doc: Any) -> None:
+    print(json.dumps({"results_dir": str(results_dir), "results": doc}, indent=1, default=str))
+
+
+def execute(cmd: EvalCommand) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    require_sim()
+    from .harness.eval import evaluate
+    from .harness.sweep import run_sweep
+
+    out = contextlib.redirect_stdout(sys.stderr) if cmd.json else contextlib.nullcontext()
+    with open_clients(cmd.modes, cmd.client, cmd.config.netem) as clients, out:
+        if cmd.sweep is not None:
+            mode = cmd.modes[0]
+            folder, doc = run_sweep(mode, cmd.config, cmd.sweep, cmd.strategies, client=clients.get(mode))
+        else:
+            folder, doc = evaluate(cmd.modes, cmd.config, clients=clients)
+    if cmd.json:
+        print_json(folder, doc)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m pi0remote.eval`` parser (the same flags as ``pi0remote eval``)."""
+    return cli.command_parser("eval", "python -m pi0remote.eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.command_main("eval", argv, "python -m pi0remote.eval")
 
 
 if __name__ == "__main__":

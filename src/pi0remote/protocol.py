@@ -19,6 +19,7 @@ RESET → RESET_OK | ERROR exchanges, strictly one reply per request, in order.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -140,6 +141,14 @@ def frame_header(message_length: int) -> bytes:
     return HEADER.pack(message_length)
 
 
+_HTTP_STARTS = (b"HTTP", b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN")
+
+
+def looks_like_http(header: bytes | bytearray) -> bool:
+    """True when the 4 bytes where a frame length was expected start an HTTP request or response."""
+    return bytes(header[:4]) in _HTTP_STARTS
+
+
 def hello_body(token: str | None, *, client: str = "pi0remote") -> dict[str, Any]:
     body: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "client": client}
     if token is not None:
@@ -149,7 +158,7 @@ def hello_body(token: str | None, *, client: str = "pi0remote") -> dict[str, Any
 
 def check_version(remote: Any, who: str) -> None:
     """Raise :class:`VersionMismatch` unless ``remote`` speaks our protocol version."""
-    if remote != PROTOCOL_VERSION:
+    if type(remote) is not int or remote != PROTOCOL_VERSION:
         raise VersionMismatch(
             f"{who} speaks protocol version {remote!r}; this side speaks {PROTOCOL_VERSION}"
         )
@@ -190,51 +199,90 @@ def encode_result(
     return packer.bytes()
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's scratch read buffer (one per thread, shared by every decoder of that thread)."""
+    view = getattr(_SCRATCH, "view", None)
+    if view is None:
+        view = _SCRATCH.view = memoryview(bytearray(FrameDecoder.SCRATCH_BYTES))
+    return view
+
+
 class FrameDecoder:
     """Sans-I/O reassembly of length-prefixed frames.
 
     Feed it bytes with :meth:`feed`, or let an ``asyncio.BufferedProtocol`` / ``socket.recv_into`` write
-    into :meth:`get_buffer` and report with :meth:`buffer_updated`. Between frames the buffer is a
-    256 KiB scratch area, so one read takes a header and the start of its body together; inside a large
-    body the buffer is the rest of that message's own exactly-sized ``bytearray``, so the bulk of a
-    camera frame is received in place, without intermediate copies. Complete messages are drained with
-    :meth:`pop` / :meth:`messages`. A frame over ``max_message_bytes`` raises :class:`MessageTooLarge`
-    as soon as its header arrives; after that the stream cannot be resynchronised and must be closed.
+    into :meth:`get_buffer` and report with :meth:`buffer_updated` (the two calls must follow each other
+    on one thread: between frames the buffer is a 256 KiB scratch area shared by the decoders of that
+    thread, so one read takes a header and the start of its body together and an idle decoder holds no
+    buffer). A body is received into its own ``bytearray``, which grows with the bytes that arrive
+    (``start_bytes`` first, then doubling up to the declared length): a declared length is a limit, not
+    an allocation, so a header claiming 32 MiB costs nothing until 32 MiB arrive. Inside a large body
+    reads go straight into that buffer, without intermediate copies. Complete messages are drained
+    with :meth:`pop` / :meth:`messages`. A frame over ``max_message_bytes`` raises
+    :class:`MessageTooLarge` as soon as its header arrives; after that the stream cannot be
+    resynchronised and must be closed.
     """
 
     SCRATCH_BYTES = 262144
+    IN_PLACE_MIN = 65536
+    """A body with at least this much left to come is read in place rather than through the scratch."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, start_bytes: int = 262144
+    ) -> None:
         self.max_message_bytes = max_message_bytes
+        self.start_bytes = start_bytes
+        """First allocation for a body (the server lowers it until a connection authenticates)."""
         self._header = bytearray(HEADER.size)
         self._header_filled = 0
         self._body: bytearray | None = None
+        self._body_len = 0
         self._body_filled = 0
-        self._scratch = memoryview(bytearray(self.SCRATCH_BYTES))
         self._ready: deque[bytearray] = deque()
         self.broken = False
+        self.rejected_header = b""
+        """The 4 header bytes of a refused frame (see :func:`looks_like_http`)."""
 
     @property
     def mid_frame(self) -> bool:
         """True when part of a frame has arrived and the rest has not (a truncated or slow frame)."""
         return self._body is not None or self._header_filled > 0
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of memory this decoder holds for messages (received or allocated, popped excluded)."""
+        return (len(self._body) if self._body is not None else 0) + sum(map(len, self._ready))
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self.broken:
             raise ProtocolError("stream is broken after a framing error")
         body = self._body
-        if body is not None and len(body) - self._body_filled >= self.SCRATCH_BYTES:
+        if body is not None and self._body_len - self._body_filled >= self.IN_PLACE_MIN:
+            if len(body) == self._body_filled:
+                body = self._grow()
             return memoryview(body)[self._body_filled :]
-        return self._scratch
+        return _scratch()
 
     def buffer_updated(self, nbytes: int) -> None:
         body = self._body
-        if body is not None and len(body) - self._body_filled >= self.SCRATCH_BYTES:
+        if body is not None and self._body_len - self._body_filled >= self.IN_PLACE_MIN:
             self._body_filled += nbytes  # written in place
-            if self._body_filled == len(body):
+            if self._body_filled == self._body_len:
                 self._finish_body()
             return
-        self.feed(self._scratch[:nbytes])
+        self.feed(_scratch()[:nbytes])
+
+    def _grow(self) -> bytearray:
+        """A larger body buffer (a new one: the old may still be exported to a reader)."""
+        assert self._body is not None
+        size = min(self._body_len, max(2 * len(self._body), self.start_bytes, 4096))
+        grown = bytearray(size)
+        grown[: self._body_filled] = memoryview(self._body)[: self._body_filled]
+        self._body = grown
+        return grown
 
     def _finish_body(self) -> None:
         assert self._body is not None
@@ -245,13 +293,21 @@ class FrameDecoder:
     def _start_body(self) -> None:
         (length,) = HEADER.unpack(self._header)
         self._header_filled = 0
-        if length > self.max_message_bytes:
+        if length > self.max_message_bytes or length == 0:
             self.broken = True
-            raise MessageTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}")
-        if length == 0:
-            self.broken = True
-            raise ProtocolError("empty frame")
-        self._body = bytearray(length)
+            self.rejected_header = bytes(self._header)
+            if length == 0:
+                raise ProtocolError("empty frame")
+            hint = (
+                f" (the bytes {self.rejected_header!r} start HTTP, not a pi0remote frame: wrong port or scheme?)"
+                if looks_like_http(self.rejected_header)
+                else ""
+            )
+            raise MessageTooLarge(
+                f"frame of {length} bytes exceeds the limit of {self.max_message_bytes}{hint}"
+            )
+        self._body = bytearray(min(length, max(self.start_bytes, 1)))
+        self._body_len = length
         self._body_filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -268,12 +324,23 @@ class FrameDecoder:
                 if self._header_filled == HEADER.size:
                     self._start_body()
             else:
-                n = min(len(body) - self._body_filled, len(view))
+                n = min(self._body_len - self._body_filled, len(view))
+                if self._body_filled + n > len(body):
+                    body = self._grow()
+                    if self._body_filled + n > len(body):
+                        body = self._grow_to(self._body_filled + n)
                 body[self._body_filled : self._body_filled + n] = view[:n]
                 self._body_filled += n
                 view = view[n:]
-                if self._body_filled == len(body):
+                if self._body_filled == self._body_len:
                     self._finish_body()
+
+    def _grow_to(self, size: int) -> bytearray:
+        assert self._body is not None
+        grown = bytearray(min(self._body_len, size))
+        grown[: self._body_filled] = memoryview(self._body)[: self._body_filled]
+        self._body = grown
+        return grown
 
     @property
     def has_message(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from aioquic import tls
 from aioquic.quic.recovery import QuicPacketRecovery
 
-from .errors import ConnectError, ProtocolError
+from .errors import ConnectError
 
 ALPN = "pi0remote/1"
 
@@ -162,7 +162,8 @@ def frame_datagrams(datagrams: Iterable[bytes]) -> bytes:
 
 
 class DatagramSplitter:
-    """Splits a TCP byte stream into framed datagrams, copying each datagram once.
+    """Splits a TCP byte stream into framed datagrams: the project's one length framer
+    (:class:`pi0remote.protocol.FrameDecoder`) with the datagram size limit.
 
     ``feed(chunk)`` returns the complete datagrams (``bytes``, as aioquic wants them); a partial frame is
     kept for the next chunk. A frame of 0 bytes or over 64 KiB raises :class:`ProtocolError`: the stream
@@ -170,39 +171,19 @@ class DatagramSplitter:
     """
 
     def __init__(self, max_size: int = MAX_FRAMED_DATAGRAM) -> None:
+        from .protocol import FrameDecoder
+
         self.max_size = max_size
-        self._rest = bytearray()
+        self._decoder = FrameDecoder(max_size)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        if self._rest:
-            self._rest += data
-            src: Any = memoryview(self._rest)
-        else:
-            src = data if isinstance(data, bytes) else memoryview(data)
-        out: list[bytes] = []
-        pos, end = 0, len(src)
-        unpack = DATAGRAM_HEADER.unpack_from
-        while end - pos >= 4:
-            (length,) = unpack(src, pos)
-            if length == 0 or length > self.max_size:
-                raise ProtocolError(f"framed datagram of {length} bytes (allowed 1..{self.max_size})")
-            if end - pos - 4 < length:
-                break
-            if isinstance(src, bytes):
-                out.append(src[pos + 4 : pos + 4 + length])  # one copy
-            else:
-                out.append(bytes(src[pos + 4 : pos + 4 + length]))  # one copy (the view is dropped at once)
-            pos += 4 + length
-        if self._rest:
-            src.release()
-            del self._rest[:pos]
-        elif pos < end:
-            self._rest = bytearray(src[pos:])
-        return out
+        decoder = self._decoder
+        decoder.feed(data)
+        return [bytes(d) for d in decoder.messages()] if decoder.has_message else []
 
     @property
     def mid_frame(self) -> bool:
-        return bool(self._rest)
+        return self._decoder.mid_frame
 
 
 def ack_with_next_packet(quic: Any) -> None:

@@ -1,134 +1,44 @@
-"""``PolicyClient`` and its async twin, over a tiny transport seam.
+"""``PolicyClient`` and its async twin: two thin front ends driving one :class:`ClientSession` over a byte pump.
 
-A transport knows how to open a connection (and learn the server's metadata), carry one request
-message and return the reply, and close. Everything else (encoding, timing, typed errors, one
-reconnect after a dropped connection) lives here once, for every transport.
+The session (:mod:`pi0remote.client.session`) decides everything (handshake, encoding, size limit, typed
+errors, the retry rule); the pump (one module per transport) moves whole messages. The two front ends
+below differ only in ``await``: each call is *connect if needed, send (resent once only when it was not
+delivered), receive, decode*, and any failure drops the connection so the next call starts fresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
-from .. import codec, protocol
-from ..errors import ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout, from_wire
+from .. import protocol
+from ..errors import Pi0RemoteError, ProtocolError
 from ..policies.base import PolicyMetadata
-from ._sock import DEFAULT_RETRIES
-
-Message = bytes | list
-"""A request message: bytes, or (for transports with ``accepts_parts``) a list of buffers to join."""
-
-
-def encode_request(transport: Transport | AsyncTransport, kind: int, body: Any) -> Message:
-    if getattr(transport, "accepts_parts", False) and isinstance(body, dict):
-        return protocol.encode_message_parts(kind, body)
-    return protocol.encode_message(kind, body)
-
-
-class TransportOptions:
-    """What every network transport is configured with (``connect()`` passes these through)."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout: float = 10.0,
-        token: str | None = None,
-        retries: int = DEFAULT_RETRIES,
-        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-        **_: Any,
-    ) -> None:
-        self.url = url
-        self.timeout = timeout
-        """Seconds for each call and each connect attempt."""
-        self.token = token
-        """Sent on every transport when the server requires one."""
-        self.retries = retries
-        """Connect attempts after the first one (waits double from 0.1 s)."""
-        self.max_message_bytes = max_message_bytes
-        """Largest reply accepted."""
-
-
-class Transport(TransportOptions):
-    """Sync transport seam. Subclasses implement the three methods."""
-
-    scheme = "?"
-    accepts_parts = False
-    """True when :meth:`roundtrip` also takes a list of buffers (a scatter-gather message)."""
-
-    def open(self) -> dict[str, Any]:
-        """Connect (with bounded retries) and return the server's metadata."""
-        raise NotImplementedError
-
-    def roundtrip(self, message: Message) -> tuple[int, bytes | bytearray | memoryview]:
-        """Send one request message (kind byte + body); return the reply's kind and body."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class AsyncTransport(TransportOptions):
-    """Async twin of :class:`Transport`."""
-
-    scheme = "?"
-
-    async def open(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    async def roundtrip(self, message: bytes) -> tuple[int, bytes | bytearray | memoryview]:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-def _check_metadata(meta: Any) -> dict[str, Any]:
-    if not isinstance(meta, dict):
-        raise ProtocolError(f"server metadata must be a map, got {type(meta).__name__}")
-    protocol.check_version(meta.get("protocol"), "server")
-    return meta
-
-
-def _decode_reply(kind: int, body: Any, expected: int) -> dict[str, Any]:
-    reply = codec.unpackb(body)
-    if kind == protocol.ERROR:
-        raise from_wire(reply)
-    if kind != expected:
-        raise ProtocolError(
-            f"expected a {protocol.KIND_NAMES[expected]} reply, got {protocol.KIND_NAMES.get(kind, kind)}"
-        )
-    if not isinstance(reply, dict):
-        raise ProtocolError("reply must be a map")
-    return reply
-
-
-def _add_client_timing(reply: dict[str, Any], t0: float, t1: float, t2: float, t3: float) -> dict[str, Any]:
-    round_trip = (t3 - t0) * 1000.0
-    server = reply.get("server_timing") or {}
-    server_total = float(server.get("total_ms", 0.0)) if isinstance(server, dict) else 0.0
-    reply["client_timing"] = {
-        "encode_ms": (t1 - t0) * 1000.0,
-        "transport_ms": (t2 - t1) * 1000.0,
-        "decode_ms": (t3 - t2) * 1000.0,
-        "round_trip_ms": round_trip,
-        "overhead_ms": round_trip - server_total,
-    }
-    return reply
+from .session import AsyncBytePump, BytePump, ClientSession, Message, add_client_timing
 
 
 class _ClientBase:
-    def __init__(self, url: str) -> None:
+    def __init__(self, pump: BytePump, url: str) -> None:
         self.url = url
-        self._metadata: dict[str, Any] | None = None
+        self.pump = pump
+        self.session = ClientSession(pump.options, pump)
+        self._open = False
         self.calls = 0
+        self.last_reply_bytes = 0
+        """Size of the last reply message (bytes after framing), for benchmarks."""
+
+    @property
+    def transport(self) -> BytePump:
+        """The byte pump (kept under its old name)."""
+        return self.pump
 
     @property
     def metadata(self) -> dict[str, Any]:
         """What the server said about itself and its policy (protocol, policy name, input spec, ...)."""
-        if self._metadata is None:
+        if self.session.metadata is None:
             raise ProtocolError("not connected")
-        return self._metadata
+        return self.session.metadata
 
     @property
     def policy_metadata(self) -> PolicyMetadata:
@@ -141,57 +51,75 @@ class _ClientBase:
 class PolicyClient(_ClientBase):
     """``infer(obs) -> dict`` against a policy wherever it runs. Use :func:`pi0remote.connect`."""
 
-    def __init__(self, transport: Transport, url: str) -> None:
-        super().__init__(url)
-        self.transport = transport
-        self._open = False
-
     def connect(self) -> PolicyClient:
-        if not self._open:
-            self._metadata = _check_metadata(self.transport.open())
-            self._open = True
-        return self
-
-    def _call(self, message: Message) -> tuple[int, Any]:
-        if not self._open:
-            self.connect()
-        try:
-            return self.transport.roundtrip(message)
-        except ConnectionLost:
-            # The server went away (restart, idle close): reconnect once, then give up.
-            self._drop()
-            self.connect()
+        if self._open:
+            return self
+        attempt = 0
+        while True:
             try:
-                return self.transport.roundtrip(message)
-            except (ConnectionLost, RequestTimeout):
-                self._drop()
-                raise
-        except RequestTimeout:
-            self._drop()  # the stream may still carry the late reply: never reuse it
+                self.pump.open()
+                break
+            except Pi0RemoteError as exc:
+                self.pump.close()
+                time.sleep(self.session.connect_delay(exc, attempt))
+                attempt += 1
+        self._open = True
+        try:
+            self.pump.send(self.session.hello())
+            self.pump.on_metadata(self.session.accept_metadata(self.pump.receive()))
+        except BaseException:
+            self._drop()
             raise
+        return self
 
     def _drop(self) -> None:
         self._open = False
+        self.pump.close()
+
+    def _receive_after(self, message: Message) -> Any:
+        """Send ``message`` (once more on a fresh connection if it was not delivered), return the reply."""
+        for attempt in (0, 1):
+            if not self._open:
+                self.connect()
+            try:
+                self.pump.send(message)
+            except Pi0RemoteError as exc:
+                self._drop()
+                if self.session.resend_after(exc, attempt, sent=False):
+                    continue
+                raise
+            try:
+                return self.pump.receive()
+            except Pi0RemoteError as exc:
+                self._drop()
+                if self.session.resend_after(exc, attempt, sent=True):
+                    continue
+                raise self.session.receive_failure(exc) from exc
+        raise AssertionError("unreachable")
+
+    def _reply(self, data: Any, expected: int) -> dict[str, Any]:
         try:
-            self.transport.close()
-        except Exception:
-            pass
+            return self.session.reply(data, expected)
+        except Pi0RemoteError as exc:
+            if not self.session.keeps_connection(exc):
+                self._drop()
+            raise
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         """Send one observation; return the policy's reply with ``client_timing`` added."""
         t0 = time.perf_counter()
-        message = encode_request(self.transport, protocol.INFER, obs)
+        message = self.session.request(protocol.INFER, obs)
         t1 = time.perf_counter()
-        kind, body = self._call(message)
+        data = self._receive_after(message)
         t2 = time.perf_counter()
-        reply = _decode_reply(kind, body, protocol.RESULT)
+        self.last_reply_bytes = len(data)
+        reply = self._reply(data, protocol.RESULT)
         self.calls += 1
-        return _add_client_timing(reply, t0, t1, t2, time.perf_counter())
+        return add_client_timing(reply, t0, t1, t2, time.perf_counter())
 
     def reset(self) -> None:
         """Tell the policy a new episode starts."""
-        kind, body = self._call(protocol.encode_message(protocol.RESET, {}))
-        _decode_reply(kind, body, protocol.RESET_OK)
+        self._reply(self._receive_after(protocol.encode_message(protocol.RESET, {})), protocol.RESET_OK)
 
     def close(self) -> None:
         if self._open:
@@ -207,54 +135,75 @@ class PolicyClient(_ClientBase):
 class AsyncPolicyClient(_ClientBase):
     """Async twin of :class:`PolicyClient`. Use ``await pi0remote.aconnect(url)``."""
 
-    def __init__(self, transport: AsyncTransport, url: str) -> None:
-        super().__init__(url)
-        self.transport = transport
-        self._open = False
+    pump: AsyncBytePump
 
     async def connect(self) -> AsyncPolicyClient:
-        if not self._open:
-            self._metadata = _check_metadata(await self.transport.open())
-            self._open = True
+        if self._open:
+            return self
+        attempt = 0
+        while True:
+            try:
+                await self.pump.open()
+                break
+            except Pi0RemoteError as exc:
+                await self.pump.close()
+                await asyncio.sleep(self.session.connect_delay(exc, attempt))
+                attempt += 1
+        self._open = True
+        try:
+            await self.pump.send(self.session.hello())
+            self.pump.on_metadata(self.session.accept_metadata(await self.pump.receive()))
+        except BaseException:
+            await self._drop()
+            raise
         return self
 
     async def _drop(self) -> None:
         self._open = False
-        try:
-            await self.transport.close()
-        except Exception:
-            pass
+        await self.pump.close()
 
-    async def _call(self, message: bytes) -> tuple[int, Any]:
-        if not self._open:
-            await self.connect()
-        try:
-            return await self.transport.roundtrip(message)
-        except ConnectionLost:
-            await self._drop()
-            await self.connect()
+    async def _receive_after(self, message: Message) -> Any:
+        for attempt in (0, 1):
+            if not self._open:
+                await self.connect()
             try:
-                return await self.transport.roundtrip(message)
-            except (ConnectionLost, RequestTimeout):
+                await self.pump.send(message)
+            except Pi0RemoteError as exc:
                 await self._drop()
+                if self.session.resend_after(exc, attempt, sent=False):
+                    continue
                 raise
-        except RequestTimeout:
-            await self._drop()
+            try:
+                return await self.pump.receive()
+            except Pi0RemoteError as exc:
+                await self._drop()
+                if self.session.resend_after(exc, attempt, sent=True):
+                    continue
+                raise self.session.receive_failure(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def _reply(self, data: Any, expected: int) -> dict[str, Any]:
+        try:
+            return self.session.reply(data, expected)
+        except Pi0RemoteError as exc:
+            if not self.session.keeps_connection(exc):
+                await self._drop()
             raise
 
     async def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        message = protocol.encode_message(protocol.INFER, obs)
+        message = self.session.request(protocol.INFER, obs)
         t1 = time.perf_counter()
-        kind, body = await self._call(message)
+        data = await self._receive_after(message)
         t2 = time.perf_counter()
-        reply = _decode_reply(kind, body, protocol.RESULT)
+        self.last_reply_bytes = len(data)
+        reply = await self._reply(data, protocol.RESULT)
         self.calls += 1
-        return _add_client_timing(reply, t0, t1, t2, time.perf_counter())
+        return add_client_timing(reply, t0, t1, t2, time.perf_counter())
 
     async def reset(self) -> None:
-        kind, body = await self._call(protocol.encode_message(protocol.RESET, {}))
-        _decode_reply(kind, body, protocol.RESET_OK)
+        data = await self._receive_after(protocol.encode_message(protocol.RESET, {}))
+        await self._reply(data, protocol.RESET_OK)
 
     async def close(self) -> None:
         if self._open:
@@ -267,4 +216,8 @@ class AsyncPolicyClient(_ClientBase):
         await self.close()
 
 
-__all__ = ["AsyncPolicyClient", "AsyncTransport", "Pi0RemoteError", "PolicyClient", "Transport"]
+Transport = BytePump
+AsyncTransport = AsyncBytePump
+"""The seam's former names."""
+
+__all__ = ["AsyncPolicyClient", "AsyncTransport", "PolicyClient", "Transport"]

@@ -22,8 +22,6 @@ looks the same as on every other transport:
 from __future__ import annotations
 
 import re
-import select
-import socket
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,22 +30,21 @@ import numpy as np
 from .. import codec, protocol
 from ..errors import (
     ConnectError,
-    ConnectionLost,
     InvalidInputError,
+    InvalidURL,
     Pi0RemoteError,
     ProtocolError,
     RemotePolicyError,
     from_wire,
 )
-from ..server.openpi_ws import ERROR_PREFIX, openpi_packb, openpi_unpackb
-from ._sock import host_port, open_socket, recv_into, send_all, with_retries
-from .base import AsyncTransport, Transport
+from ..server.openpi_ws import ERROR_PREFIX
+from .session import AsyncBytePump, BytePump, ClientOptions, Message
 from .ws import (
-    _close_error,
-    async_websocket_exchange,
-    close_blocking_websocket,
+    BlockingWebSocket,
+    async_ws_recv,
+    async_ws_send,
+    close_async_websocket,
     open_async_websocket,
-    upgrade_refused,
 )
 
 DEFAULT_PORT = 8000
@@ -61,7 +58,7 @@ def ws_url(url: str) -> str:
     """``openpi://host:port/path`` -> ``ws://host:port/path`` (port 8000 when none is given)."""
     parts = urlsplit(url)
     if not parts.hostname:
-        raise ConnectError(f"no host in {url!r}")
+        raise InvalidURL(f"no host in {url!r}")
     netloc = parts.netloc if parts.port else f"{parts.netloc}:{DEFAULT_PORT}"
     return urlunsplit(("ws", netloc, parts.path or "/", parts.query, ""))
 
@@ -146,35 +143,49 @@ def synthesize_metadata(raw: Any, token: str | None) -> dict[str, Any]:
     }
 
 
-class _Translator:
-    """What both transports share: request in pi0remote's protocol -> openpi payload, reply back."""
+class _Dialect:
+    """What both pumps share: pi0remote messages in, openpi's payloads out, and back (no I/O).
 
-    token: str | None
+    HELLO is answered from the metadata the server sent first, RESET locally (openpi has no reset);
+    INFER becomes openpi's observation and its reply a RESULT message.
+    """
+
+    options: ClientOptions
     metadata: dict[str, Any] | None = None
 
     def _headers(self) -> dict[str, str] | None:
-        return {"Authorization": f"Api-Key {self.token}"} if self.token is not None else None
+        token = self.options.token
+        return {"Authorization": f"Api-Key {token}"} if token is not None else None
 
-    def _open_metadata(self, first: bytes | str) -> dict[str, Any]:
+    def _first(self, first: bytes | str) -> None:
         if isinstance(first, str):
             raise error_from_text(first)
-        self.metadata = synthesize_metadata(openpi_unpackb(first), self.token)
-        return self.metadata
+        self.metadata = synthesize_metadata(codec.unpackb(first), self.options.token)
 
-    @staticmethod
-    def _request(message: bytes) -> tuple[int, bytes | None]:
-        """(kind, openpi payload); the payload is None for requests answered without the server."""
-        kind, body = protocol.split_message(message)
+    def on_metadata(self, metadata: dict[str, Any]) -> None:
+        self.metadata = metadata  # the client's own copy: the action shape learned later lands there
+
+    def _local_reply(self, message: Message) -> bytes | None:
+        """The reply to a message openpi's server never sees, or None when ``message`` is an INFER."""
+        kind = (message[0] if isinstance(message, list) else message)[0]
+        if kind == protocol.HELLO:
+            return protocol.encode_message(protocol.METADATA, self.metadata)
         if kind == protocol.RESET:
-            return kind, None
+            return protocol.encode_message(protocol.RESET_OK, {})
         if kind != protocol.INFER:
             raise ProtocolError(
                 f"openpi servers take only observations, not {protocol.KIND_NAMES.get(kind, kind)}"
             )
-        return kind, openpi_packb(to_openpi_obs(codec.unpackb(body)))
+        return None
 
-    def _result(self, data: bytes) -> tuple[int, bytes]:
-        reply = from_openpi_reply(openpi_unpackb(data))
+    @staticmethod
+    def _payload(message: Message) -> bytes:
+        data = b"".join(message) if isinstance(message, list) else message
+        _, body = protocol.split_message(data)
+        return codec.packb(to_openpi_obs(codec.unpackb(body)), layout="openpi")
+
+    def _result(self, data: bytes) -> bytes:
+        reply = from_openpi_reply(codec.unpackb(data))
         action = reply.get("action")
         policy = self.metadata.get("policy") if self.metadata else None
         if (
@@ -185,121 +196,39 @@ class _Translator:
         ):
             policy["action_shape"] = list(action.shape)  # learned from the first reply
             policy["action_horizon"] = action.shape[0]
-        return protocol.RESULT, codec.packb(reply)
+        return protocol.encode_message(protocol.RESULT, reply)
 
 
-_RESET_OK = (protocol.RESET_OK, codec.packb({}))
-
-
-class OpenpiTransport(_Translator, Transport):
+class OpenpiPump(_Dialect, BytePump):
     scheme = "openpi"
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.ws_url = ws_url(url)
-        self.host, self.port = host_port(self.ws_url, DEFAULT_PORT)
-        self.sock: socket.socket | None = None
-        self.proto: Any = None
-        self._buf = bytearray(1 << 18)
-        self._fragments: list[bytes] = []
-        self._text = False
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        self.ws = BlockingWebSocket(
+            options.url, ws_url(options.url), options.timeout, options.max_message_bytes, False
+        )
+        self._queued: bytes | None = None
 
-    # -- plumbing ---------------------------------------------------------------------------------
-    def _flush(self) -> None:
-        assert self.sock is not None
-        data = [d for d in self.proto.data_to_send() if d]
-        if data:
-            send_all(self.sock, *data)
-
-    def _feed(self, n: int) -> list[Any]:
-        self.proto.receive_data(bytes(self._buf[:n]))
-        events = self.proto.events_received()
-        self._flush()  # pongs, close replies
-        return events
-
-    def _pump(self) -> list[Any]:
-        assert self.sock is not None
-        return self._feed(recv_into(self.sock, memoryview(self._buf)))
-
-    def _message(self, events: list[Any]) -> bytes | str | None:
-        """The first complete data message in ``events`` (raises on a close frame)."""
-        from websockets.frames import Frame, Opcode
-
-        for event in events:
-            if not isinstance(event, Frame):
-                continue
-            if event.opcode == Opcode.CLOSE:
-                close = self.proto.close_rcvd
-                raise _close_error(close.code if close else None, close.reason if close else "")
-            if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-                if event.opcode != Opcode.CONT:
-                    self._text = event.opcode == Opcode.TEXT
-                self._fragments.append(event.data)
-                if event.fin:
-                    data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
-                    self._fragments = []
-                    return data.decode("utf-8", "replace") if self._text else data
-        return None
+    def open(self) -> None:
+        pending = self.ws.handshake(self._headers())
+        first = self.ws.message(pending)
+        self._first(first if first is not None else self._recv())
 
     def _recv(self) -> bytes | str:
-        while True:
-            message = self._message(self._pump())
-            if message is not None:
-                return message
+        data = self.ws.recv_message()
+        return data.decode("utf-8", "replace") if self.ws.text else data
 
-    def _drain(self) -> None:
-        """Before sending: answer the server's keepalive pings, notice a server that closed meanwhile."""
-        assert self.sock is not None
-        if isinstance(self.sock, socket.socket) and select.select([self.sock], [], [], 0)[0]:
-            if self._message(self._pump()) is not None:
-                raise ProtocolError("openpi server sent a message nobody asked for")
+    def send(self, message: Message) -> None:
+        self._queued = self._local_reply(message)
+        if self._queued is None:
+            payload = self._payload(message)
+            self.ws.drain()  # answer the server's keepalive pings, notice a close
+            self.ws.send_message(payload, idle_input_ok=True)
 
-    # -- the seam ---------------------------------------------------------------------------------
-    def open(self) -> dict[str, Any]:
-        from websockets.client import ClientProtocol
-        from websockets.http11 import Response
-        from websockets.uri import parse_uri
-
-        self.sock = with_retries(
-            lambda: open_socket(self.host, self.port, self.timeout), self.url, self.retries
-        )
-        try:
-            self.proto = ClientProtocol(parse_uri(self.ws_url), max_size=self.max_message_bytes)
-            request = self.proto.connect()
-            for name, value in (self._headers() or {}).items():
-                request.headers[name] = value
-            self.proto.send_request(request)
-            self._flush()
-            response = None
-            pending: list[Any] = []
-            while response is None:
-                for event in self._pump():
-                    if isinstance(event, Response):
-                        response = event
-                    elif response is not None:
-                        pending.append(event)
-            if response.status_code != 101:
-                raise upgrade_refused(response.status_code)
-            if self.proto.handshake_exc is not None:
-                raise ConnectError(f"WebSocket handshake failed: {self.proto.handshake_exc}")
-            first = self._message(pending)
-            return self._open_metadata(first if first is not None else self._recv())
-        except BaseException:
-            self.close()
-            raise
-
-    def roundtrip(self, message: bytes) -> tuple[int, bytes]:
-        kind, payload = self._request(message)
-        if payload is None:
-            return _RESET_OK
-        if self.sock is None or self.proto is None:
-            raise ConnectionLost("not connected")
-        self._drain()
-        try:
-            self.proto.send_binary(payload)
-        except Exception as exc:  # websockets refuses to send on a closing connection
-            raise ConnectionLost(f"WebSocket is closed: {exc}") from exc
-        self._flush()
+    def receive(self) -> bytes:
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            return queued
         data = self._recv()
         if isinstance(data, str):
             self.close()  # openpi servers close after an error; the next call reconnects
@@ -307,63 +236,52 @@ class OpenpiTransport(_Translator, Transport):
         return self._result(data)
 
     def close(self) -> None:
-        close_blocking_websocket(self.sock, self.proto)
-        self.sock = None
-        self.proto = None
-        self._fragments = []
+        self.ws.close()
 
 
-class AsyncOpenpiTransport(_Translator, AsyncTransport):
+class AsyncOpenpiPump(_Dialect, AsyncBytePump):
     scheme = "openpi"
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.ws_url = ws_url(url)
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        self.ws_url = ws_url(options.url)
         self.ws: Any = None
+        self._queued: bytes | None = None
 
-    async def open(self) -> dict[str, Any]:
-        import asyncio
-
-        from websockets.exceptions import ConnectionClosed
-
-        self.ws = await open_async_websocket(self, self.ws_url, self._headers())
+    async def open(self) -> None:
+        self.ws = await open_async_websocket(self.ws_url, self.options, self._headers())
         try:
-            first = await asyncio.wait_for(self.ws.recv(), self.timeout)
-            return self._open_metadata(first)
-        except asyncio.TimeoutError as exc:
-            await self.close()
-            raise ConnectError("openpi server sent no metadata") from exc
-        except ConnectionClosed as exc:
-            await self.close()
-            rcvd = exc.rcvd
-            raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
-        except BaseException:
-            await self.close()
-            raise
+            first = await async_ws_recv(self.ws, self.options.timeout, self.url)
+        except Pi0RemoteError as exc:
+            raise ConnectError(f"openpi server {self.url} sent no metadata: {exc}") from exc
+        self._first(first)
 
-    async def roundtrip(self, message: bytes) -> tuple[int, bytes]:
+    async def send(self, message: Message) -> None:
+        self._queued = self._local_reply(message)
+        if self._queued is None:
+            await async_ws_send(self.ws, self._payload(message), self.url)
 
-        kind, payload = self._request(message)
-        if payload is None:
-            return _RESET_OK
-        data = await async_websocket_exchange(self.ws, payload, self.timeout)
+    async def receive(self) -> bytes:
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            return queued
+        data = await async_ws_recv(self.ws, self.options.timeout, self.url)
         if isinstance(data, str):
             await self.close()
             raise error_from_text(data)
         return self._result(data)
 
     async def close(self) -> None:
-        if self.ws is not None:
-            ws, self.ws = self.ws, None
-            try:
-                await ws.close()
-            except Exception:
-                pass
+        ws, self.ws = self.ws, None
+        await close_async_websocket(ws)
 
+
+OpenpiTransport = OpenpiPump
+AsyncOpenpiTransport = AsyncOpenpiPump
 
 __all__ = [
-    "AsyncOpenpiTransport",
-    "OpenpiTransport",
+    "AsyncOpenpiPump",
+    "OpenpiPump",
     "error_from_text",
     "from_openpi_reply",
     "synthesize_metadata",

@@ -2,6 +2,8 @@
 
 One QUIC connection per client; the client opens one bidirectional stream and sends ordinary
 pi0remote frames on it (HELLO → METADATA, then INFER/RESET exchanges). TLS 1.3, ALPN ``pi0remote/1``.
+The two byte pumps (:class:`QuicPump` on a blocking socket, :class:`AsyncQuicPump` on the running loop)
+share :class:`_Session`, the sans-I/O QUIC side; the client session above them is the same as on TCP.
 
 Certificate checking, in order of precedence:
 
@@ -14,8 +16,8 @@ Certificate checking, in order of precedence:
 Other options: ``quic_max_datagram`` (UDP datagram size, default 1200; quic+tcp default 16000),
 ``quic_idle_timeout`` (seconds; the server's idle timeout usually closes first).
 
-The sync :class:`QuicTransport` drives aioquic's sans-I/O connection from the calling thread with a
-blocking socket (no background thread); :class:`AsyncQuicTransport` drives it on the running loop.
+The sync pump drives aioquic's sans-I/O connection from the calling thread with a blocking socket (no
+background thread); the async pump drives it on the running loop.
 """
 
 from __future__ import annotations
@@ -33,9 +35,18 @@ from aioquic.quic.connection import QuicConnection
 
 from .. import protocol
 from .. import quic_common as qc
-from ..errors import ConnectError, ConnectionLost, Pi0RemoteError, ProtocolError, RequestTimeout
-from ._sock import async_with_retries, host_port, with_retries
-from .base import AsyncTransport, Transport, _decode_reply
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    MessageTooLarge,
+    Pi0RemoteError,
+    ProtocolError,
+    RequestNotDelivered,
+    RequestTimeout,
+)
+from ._sock import host_port
+from .session import AsyncBytePump, BytePump, ClientOptions
+from .translate import aioquic_table, quic_termination, translate
 
 DEFAULT_PORT = 8766
 CLIENT_IDLE_TIMEOUT = 3600.0
@@ -95,8 +106,10 @@ class _Session:
             if event.data and not self.decoder.broken:
                 try:
                     self.decoder.feed(event.data)
-                except ProtocolError as exc:
-                    self._fail(ConnectionLost(f"bad reply framing from {self.url}: {exc}"))
+                except ProtocolError as exc:  # the stream cannot be resynchronised: drop the connection
+                    self._fail(
+                        exc if isinstance(exc, MessageTooLarge) else ProtocolError(f"{self.url}: {exc}")
+                    )
                     self.quic.close(error_code=0, reason_phrase="bad framing")
             if event.end_stream:
                 self._fail(ConnectionLost(f"{self.url} closed the stream"))
@@ -126,16 +139,7 @@ class _Session:
         self.connected = True
 
     def _termination_error(self, event: events.ConnectionTerminated) -> Pi0RemoteError:
-        reason = event.reason_phrase or f"error code 0x{event.error_code:x}"
-        if not self.connected:
-            if _TLS_ALERT_BASE <= event.error_code < _TLS_ALERT_BASE + 0x100:
-                return qc.TlsVerificationError(
-                    f"TLS handshake with {self.url} failed: {reason}. For a self-signed server pass "
-                    "quic_fingerprint=<sha256 it prints / puts in its metadata>, quic_cafile=, or "
-                    "quic_insecure_skip_verify=True"
-                )
-            return ConnectError(f"QUIC handshake with {self.url} failed: {reason}")
-        return ConnectionLost(f"QUIC connection to {self.url} closed: {reason}")
+        return quic_termination(event.error_code, event.reason_phrase, connected=self.connected, url=self.url)
 
     def check_alive(self) -> None:
         """A peer that acknowledged nothing through several probe timeouts is gone (e.g. restarted).
@@ -145,9 +149,22 @@ class _Session:
         computes a slow reply), so this is a liveness signal, not a request timeout.
         """
         if self.connected and self.failure is None and self.quic._loss._pto_count >= DEAD_AFTER_PROBES:
-            self._fail(
-                ConnectionLost(f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts")
+            self._fail(  # nothing acknowledged: the server never got the whole request
+                RequestNotDelivered(
+                    f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts"
+                )
             )
+
+    def closing(self) -> ConnectionLost | None:
+        """The reason once a CONNECTION_CLOSE was sent or received, else None.
+
+        aioquic emits ``ConnectionTerminated`` only after draining (three probe timeouts later), so a
+        server's close is read from the connection itself (a private attribute, checked with getattr).
+        """
+        event = getattr(self.quic, "_close_event", None)
+        if event is None:
+            return None
+        return ConnectionLost(f"QUIC connection to {self.url} closed: {event.reason_phrase or 'closed'}")
 
     def _fail(self, exc: Pi0RemoteError) -> None:
         if self.failure is None:
@@ -167,10 +184,22 @@ class _Session:
             pass
 
 
+OPTIONS = frozenset(
+    {
+        "quic_fingerprint",
+        "quic_insecure_skip_verify",
+        "quic_cafile",
+        "quic_max_datagram",
+        "quic_idle_timeout",
+        "quic_udp_buffer_bytes",
+        "quic_burst_bytes",
+    }
+)
+"""The QUIC pumps' own ``connect()`` keywords."""
+
+
 def _options(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     scheme = url.split("://", 1)[0].lower()
-    if scheme not in ("quic", "quic+tcp"):
-        raise ValueError(f"not a QUIC URL: {url!r}")
     over_tcp = scheme == "quic+tcp"
     fp = kwargs.get("quic_fingerprint")
     return {
@@ -189,7 +218,7 @@ def _options(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def _resolve(host: str, port: int) -> tuple[int, Any]:
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-    except socket.gaierror as exc:
+    except OSError as exc:
         raise ConnectError(f"cannot resolve {host}: {exc}") from exc
     return family, addr
 
@@ -297,69 +326,69 @@ class _TcpLink:
             pass
 
 
-def _configure(transport: Any, url: str, kwargs: dict[str, Any]) -> None:
+def _configure(pump: Any, options: ClientOptions) -> None:
     """Address, QUIC options and scheme (``quic`` or ``quic+tcp``), the same for both twins."""
-    transport.host, transport.port = host_port(url, DEFAULT_PORT)
-    transport.options = _options(url, kwargs)
-    transport.scheme = "quic+tcp" if transport.options["over_tcp"] else "quic"
+    pump.host, pump.port = host_port(options.url, DEFAULT_PORT)
+    pump.quic_options = _options(options.url, options.extra)
+    pump.scheme = "quic+tcp" if pump.quic_options["over_tcp"] else "quic"
 
 
-_RETRY_ON = (ConnectError, ConnectionLost, OSError)
-"""Handshake failures worth another attempt (a refused certificate is not: see open())."""
+def _new_session(pump: Any) -> _Session:
+    opts = pump.quic_options
+    return _Session(
+        pump.url,
+        pump.host,
+        max_datagram=opts["max_datagram"],
+        fingerprint=opts["fingerprint"],
+        insecure=opts["insecure"],
+        cafile=opts["cafile"],
+        idle_timeout=opts["idle_timeout"],
+        max_message_bytes=pump.options.max_message_bytes,
+    )
 
 
-class QuicTransport(Transport):
-    """Sync QUIC transport (``quic://`` and ``quic+tcp://``)."""
+def _stale(session: _Session | None, url: str) -> _Session:
+    """Before a request: the connection must be up and not failed (else the request is not delivered)."""
+    if session is None:
+        raise ConnectionLost(f"not connected to {url}")
+    if session.failure is not None:
+        failure = session.failure
+        raise failure if isinstance(failure, ConnectionLost) else ConnectionLost(str(failure))
+    closing = session.closing()
+    if closing is not None:
+        raise closing
+    return session
+
+
+class QuicPump(BytePump):
+    """Sync QUIC pump (``quic://`` and ``quic+tcp://``)."""
 
     scheme = "quic"
+    OPTIONS = OPTIONS
+    final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        _configure(self, url, kwargs)
-        burst = kwargs.get("quic_burst_bytes")
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        _configure(self, options)
+        burst = options.extra.get("quic_burst_bytes")
         self.burst = qc.BURST_BYTES if burst is None else int(burst)
         self.session: _Session | None = None
         self.link: _UdpLink | _TcpLink | None = None
 
     # -- connection ---------------------------------------------------------------------------------
-    def open(self) -> dict[str, Any]:
-        def attempt() -> None:
-            try:
-                self._handshake()
-            except BaseException:
-                self.close()
-                raise
-
-        with_retries(attempt, self.url, self.retries, _RETRY_ON, (qc.TlsVerificationError,))
+    def open(self) -> None:
+        opts, timeout = self.quic_options, self.options.timeout
         try:
-            kind, body = self.roundtrip(
-                protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
-            )
-            return _decode_reply(kind, body, protocol.METADATA)
-        except BaseException:
-            self.close()
-            raise
-
-    def _handshake(self) -> None:
-        opts = self.options
-        if opts["over_tcp"]:
-            self.link = _TcpLink(self.host, self.port, self.timeout)
-        else:
-            self.link = _UdpLink(self.host, self.port, self.timeout, opts["udp_buffer_bytes"])
-        self.session = _Session(
-            self.url,
-            self.host,
-            max_datagram=opts["max_datagram"],
-            fingerprint=opts["fingerprint"],
-            insecure=opts["insecure"],
-            cafile=opts["cafile"],
-            idle_timeout=opts["idle_timeout"],
-            max_message_bytes=self.max_message_bytes,
-        )
-        self.session.quic.connect(self.link.addr, now=time.monotonic())
-        session = self.session
-        if not self._pump(lambda: session.connected, time.monotonic() + self.timeout):
-            raise ConnectError(f"QUIC handshake with {self.url} timed out after {self.timeout:g}s")
+            if opts["over_tcp"]:
+                self.link = _TcpLink(self.host, self.port, timeout)
+            else:
+                self.link = _UdpLink(self.host, self.port, timeout, opts["udp_buffer_bytes"])
+            self.session = session = _new_session(self)
+            session.quic.connect(self.link.addr, now=time.monotonic())
+            if not self._pump(lambda: session.connected, time.monotonic() + timeout):
+                raise ConnectError(f"QUIC handshake with {self.url} timed out after {timeout:g}s")
+        except Exception as exc:
+            raise translate(aioquic_table(), exc, self.url, connecting=True) from exc
 
     def _pump(self, done: Any, deadline: float) -> bool:
         """Move datagrams and timers until ``done()``; False at ``deadline``; raises the session's failure."""
@@ -391,31 +420,33 @@ class QuicTransport(Transport):
                     quic.receive_datagram(data, link.addr, now=now)
                 session.handle_events()
 
-    # -- requests -----------------------------------------------------------------------------------
-    def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
-        session, link = self.session, self.link
-        if session is None or link is None:
-            raise ConnectionLost("not connected")
+    # -- messages -----------------------------------------------------------------------------------
+    def send(self, message: Any) -> None:
+        link = self.link
+        if link is None:
+            raise ConnectionLost(f"not connected to {self.url}")
         # take in what arrived since the last call (ACKs, a close from the server) before sending
         received = link.recv(0)
+        session = _stale(self.session, self.url)
         if received:
             now = time.monotonic()
             for data in received:
                 session.quic.receive_datagram(data, link.addr, now=now)
             session.handle_events()
-        if session.failure is not None:
-            raise (
-                ConnectionLost(str(session.failure))
-                if not isinstance(session.failure, ConnectionLost)
-                else session.failure
-            )
-        session.send(message)
+        session = _stale(session, self.url)
+        session.send(message if isinstance(message, bytes) else b"".join(message))
+        qc.send_in_bursts(session.quic, time.monotonic(), link.send, self.burst)
+
+    def receive(self) -> bytearray:
+        session = self.session
+        if session is None:
+            raise ConnectionLost(f"not connected to {self.url}")
         decoder = session.decoder
-        if not self._pump(lambda: decoder.has_message, time.monotonic() + self.timeout):
-            raise RequestTimeout(f"no reply from {self.url} within {self.timeout:g}s")
+        if not self._pump(lambda: decoder.has_message, time.monotonic() + self.options.timeout):
+            raise RequestTimeout(f"no reply from {self.url} within {self.options.timeout:g}s")
         reply = decoder.pop()
         assert reply is not None
-        return protocol.split_message(reply)
+        return reply
 
     def close(self) -> None:
         session, link = self.session, self.link
@@ -527,70 +558,50 @@ class _AsyncTcp(asyncio.Protocol):
             self.driver.link_lost(ConnectionLost(f"relay connection lost: {exc or 'closed'}"))
 
 
-class AsyncQuicTransport(AsyncTransport):
-    """Async twin of :class:`QuicTransport`, on the running event loop."""
+class AsyncQuicPump(AsyncBytePump):
+    """Async twin of :class:`QuicPump`, on the running event loop."""
 
     scheme = "quic"
+    OPTIONS = OPTIONS
+    final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        _configure(self, url, kwargs)
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        _configure(self, options)
         self.driver: _AsyncDriver | None = None
         self.link: Any = None
 
-    async def open(self) -> dict[str, Any]:
-        async def attempt() -> None:
-            try:
-                await self._handshake()
-            except BaseException:
-                await self.close()
-                raise
-
-        await async_with_retries(attempt, self.url, self.retries, _RETRY_ON, (qc.TlsVerificationError,))
+    async def open(self) -> None:
         try:
-            kind, body = await self.roundtrip(
-                protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
+            await self._handshake()
+        except Exception as exc:
+            raise translate(aioquic_table(), exc, self.url, connecting=True) from exc
+
+    async def _link(self) -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        if self.quic_options["over_tcp"]:
+            _, link = await asyncio.wait_for(
+                loop.create_connection(_AsyncTcp, self.host, self.port), self.options.timeout
             )
-            return _decode_reply(kind, body, protocol.METADATA)
-        except BaseException:
-            await self.close()
-            raise
+            return link, link.addr
+        family, addr = _resolve(self.host, self.port)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        qc.set_udp_buffers(sock, self.quic_options["udp_buffer_bytes"])
+        sock.connect(addr)
+        sock.setblocking(False)
+        _, link = await loop.create_datagram_endpoint(_AsyncUdp, sock=sock)
+        return link, addr
 
     async def _handshake(self) -> None:
-        loop = asyncio.get_running_loop()
-        opts = self.options
-        if opts["over_tcp"]:
-            try:
-                _, link = await asyncio.wait_for(
-                    loop.create_connection(_AsyncTcp, self.host, self.port), self.timeout
-                )
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise ConnectError(f"could not connect to {self.url}: {exc}") from exc
-            addr = link.addr
-        else:
-            family, addr = _resolve(self.host, self.port)
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            qc.set_udp_buffers(sock, opts["udp_buffer_bytes"])
-            sock.connect(addr)
-            sock.setblocking(False)
-            _, link = await loop.create_datagram_endpoint(_AsyncUdp, sock=sock)
-        self.link = link
-        session = _Session(
-            self.url,
-            self.host,
-            max_datagram=opts["max_datagram"],
-            fingerprint=opts["fingerprint"],
-            insecure=opts["insecure"],
-            cafile=opts["cafile"],
-            idle_timeout=opts["idle_timeout"],
-            max_message_bytes=self.max_message_bytes,
-        )
+        self.link, addr = link, _ = await self._link()
+        session = _new_session(self)
         self.driver = driver = _AsyncDriver(session, link.send)
         link.driver = driver
-        session.quic.connect(addr, now=loop.time())
+        session.quic.connect(addr, now=driver.loop.time())
         driver.transmit()
-        if not await self._wait(lambda: session.connected, loop.time() + self.timeout):
-            raise ConnectError(f"QUIC handshake with {self.url} timed out after {self.timeout:g}s")
+        timeout = self.options.timeout
+        if not await self._wait(lambda: session.connected, driver.loop.time() + timeout):
+            raise ConnectError(f"QUIC handshake with {self.url} timed out after {timeout:g}s")
 
     async def _wait(self, done: Any, deadline: float) -> bool:
         driver = self.driver
@@ -612,25 +623,24 @@ class AsyncQuicTransport(AsyncTransport):
             finally:
                 driver.waiter = None
 
-    async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
+    async def send(self, message: Any) -> None:
+        driver = self.driver
+        session = _stale(driver.session if driver is not None else None, self.url)
+        assert driver is not None
+        session.send(message if isinstance(message, bytes) else b"".join(message))
+        driver.transmit()
+
+    async def receive(self) -> bytearray:
         driver = self.driver
         if driver is None:
-            raise ConnectionLost("not connected")
-        session = driver.session
-        if session.failure is not None:
-            raise (
-                ConnectionLost(str(session.failure))
-                if not isinstance(session.failure, ConnectionLost)
-                else session.failure
-            )
-        session.send(message)
-        driver.transmit()
-        decoder = session.decoder
-        if not await self._wait(lambda: decoder.has_message, driver.loop.time() + self.timeout):
-            raise RequestTimeout(f"no reply from {self.url} within {self.timeout:g}s")
+            raise ConnectionLost(f"not connected to {self.url}")
+        decoder = driver.session.decoder
+        timeout = self.options.timeout
+        if not await self._wait(lambda: decoder.has_message, driver.loop.time() + timeout):
+            raise RequestTimeout(f"no reply from {self.url} within {timeout:g}s")
         reply = decoder.pop()
         assert reply is not None
-        return protocol.split_message(reply)
+        return reply
 
     async def close(self) -> None:
         driver, link = self.driver, self.link
@@ -647,4 +657,7 @@ class AsyncQuicTransport(AsyncTransport):
             link.transport.close()
 
 
-__all__ = ["AsyncQuicTransport", "QuicTransport"]
+QuicTransport = QuicPump
+AsyncQuicTransport = AsyncQuicPump
+
+__all__ = ["AsyncQuicPump", "QuicPump"]

@@ -1,4 +1,9 @@
-"""``tcp://host:port``: length-prefixed frames over one persistent TCP connection (TCP_NODELAY)."""
+"""``tcp://host:port``: length-prefixed frames over one persistent TCP connection (TCP_NODELAY).
+
+Two byte pumps over :class:`pi0remote.protocol.FrameDecoder`: a blocking socket (sync) and an
+``asyncio.BufferedProtocol`` (async); each frame is written in one system call and a large reply is
+received straight into its own buffer.
+"""
 
 from __future__ import annotations
 
@@ -7,125 +12,176 @@ import socket
 from typing import Any
 
 from .. import protocol
-from ..errors import ConnectionLost, RequestTimeout
-from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
-from .base import AsyncTransport, Transport, _decode_reply
+from ..errors import ConnectionLost, MessageTooLarge, RequestTimeout, TransportMismatch
+from ._sock import (
+    check_not_stale,
+    close_quietly,
+    host_port,
+    open_socket,
+    recv_into,
+    send_all,
+    transport_stale,
+)
+from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .translate import SOCKET, swap_scheme, translate
 
 DEFAULT_PORT = 8765
 
 
-class FramedSocket:
-    """A blocking socket speaking pi0remote frames (each frame written in one system call)."""
-
-    def __init__(self, sock: socket.socket, max_message_bytes: int) -> None:
-        self.sock = sock
-        self.decoder = protocol.FrameDecoder(max_message_bytes)
-
-    def send(self, message: bytes | list) -> None:
-        if isinstance(message, list):
-            send_all(self.sock, protocol.frame_header(sum(len(p) for p in message)), *message)
-        else:
-            send_all(self.sock, protocol.frame_header(len(message)), message)
-
-    def recv(self) -> bytearray:
-        decoder = self.decoder
-        while (message := decoder.pop()) is None:
-            decoder.buffer_updated(recv_into(self.sock, decoder.get_buffer()))
-        return message
-
-    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
-        self.send(message)
-        return protocol.split_message(self.recv())
-
-    def hello(self, token: str | None) -> dict[str, Any]:
-        kind, body = self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(token)))
-        return _decode_reply(kind, body, protocol.METADATA)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+def framed(message: Message) -> list[Any]:
+    """The frame header and the message's buffers, for one scatter-gather write."""
+    if isinstance(message, list):
+        return [protocol.frame_header(sum(len(p) for p in message)), *message]
+    return [protocol.frame_header(len(message)), message]
 
 
-class TcpTransport(Transport):
+def framing_error(decoder: protocol.FrameDecoder, exc: MessageTooLarge, url: str) -> Exception:
+    """A too-large frame whose header is HTTP's ``HTTP/`` is another transport answering."""
+    if protocol.looks_like_http(decoder.rejected_header):
+        return TransportMismatch(
+            f"{url} answered in HTTP where a pi0remote TCP frame was expected: this looks like the "
+            f"HTTP/WebSocket port; connect to {swap_scheme(url, 'http')} or {swap_scheme(url, 'ws')}"
+        )
+    return exc
+
+
+class TcpPump(BytePump):
     scheme = "tcp"
     accepts_parts = True
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.conn: FramedSocket | None = None
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        self.host, self.port = host_port(options.url, DEFAULT_PORT)
+        self.sock: socket.socket | None = None
+        self.decoder = protocol.FrameDecoder(options.max_message_bytes)
 
-    def open(self) -> dict[str, Any]:
-        sock = with_retries(lambda: open_socket(self.host, self.port, self.timeout), self.url, self.retries)
-        self.conn = FramedSocket(sock, self.max_message_bytes)
+    def open(self) -> None:
+        self.sock = open_socket(self.url, self.host, self.port, self.options.timeout)
+        self.decoder = protocol.FrameDecoder(self.options.max_message_bytes)
+
+    def send(self, message: Message) -> None:
+        send_all(check_not_stale(self.sock, self.url), *framed(message), url=self.url)
+
+    def receive(self) -> bytearray:
+        decoder, sock = self.decoder, self.sock
+        if sock is None:
+            raise ConnectionLost(f"not connected to {self.url}")
         try:
-            return self.conn.hello(self.token)
-        except BaseException:
-            self.close()
-            raise
-
-    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
-        if self.conn is None:
-            raise ConnectionLost("not connected")
-        return self.conn.roundtrip(message)
+            while (message := decoder.pop()) is None:
+                decoder.buffer_updated(recv_into(sock, decoder.get_buffer(), self.url))
+        except MessageTooLarge as exc:
+            raise framing_error(decoder, exc, self.url) from exc
+        return message
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        close_quietly(self.sock)
+        self.sock = None
 
 
-class AsyncTcpTransport(AsyncTransport):
-    scheme = "tcp"
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Frames straight into :class:`FrameDecoder`'s buffers; ``next_message()`` awaits the next one."""
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.host, self.port = host_port(url, DEFAULT_PORT)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+    def __init__(self, max_message_bytes: int) -> None:
+        self.decoder = protocol.FrameDecoder(max_message_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.failure: BaseException | None = None
 
-    async def open(self) -> dict[str, Any]:
-        self.reader, self.writer = await async_with_retries(
-            lambda: asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=2**20), self.timeout
-            ),
-            self.url,
-            self.retries,
-        )
-        sock = self.writer.get_extra_info("socket")
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        kind, body = await self.roundtrip(
-            protocol.encode_message(protocol.HELLO, protocol.hello_body(self.token))
-        )
-        return _decode_reply(kind, body, protocol.METADATA)
 
-    async def _exchange(self, message: bytes) -> tuple[int, memoryview]:
-        assert self.reader is not None and self.writer is not None
-        self.writer.writelines([protocol.frame_header(len(message)), message])
-        await self.writer.drain()
-        (length,) = protocol.HEADER.unpack(await self.reader.readexactly(protocol.HEADER.size))
-        if length > self.max_message_bytes:
-            raise ConnectionLost(f"reply of {length} bytes exceeds the limit")
-        return protocol.split_message(await self.reader.readexactly(length))
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
 
-    async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
-        if self.writer is None:
-            raise ConnectionLost("not connected")
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            return await asyncio.wait_for(self._exchange(message), self.timeout)
+            self.decoder.buffer_updated(nbytes)
+        except Exception as exc:  # a framing error: nothing after it can be trusted
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.decoder.has_message:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionLost("server closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionLost(f"connection lost: {exc or 'closed'}"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next_message(self, timeout: float) -> bytearray:
+        while (message := self.decoder.pop()) is None:
+            if self.failure is not None:
+                raise self.failure
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self.waiter, timeout)
+            finally:
+                self.waiter = None
+        return message
+
+
+class AsyncTcpPump(AsyncBytePump):
+    scheme = "tcp"
+    # one buffer: asyncio may keep a not-yet-written part past the call, and the caller owns the camera
+    accepts_parts = False
+
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        self.host, self.port = host_port(options.url, DEFAULT_PORT)
+        self.proto: _FrameProtocol | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.options.max_message_bytes
+        try:
+            _, self.proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _FrameProtocol(limit), self.host, self.port),
+                self.options.timeout,
+            )
+        except Exception as exc:
+            raise translate(SOCKET, exc, self.url, connecting=True) from exc
+
+    async def send(self, message: Message) -> None:
+        proto = self.proto
+        if proto is None or proto.failure is not None or transport_stale(proto.transport):
+            raise ConnectionLost(f"{self.url} closed the connection while it was idle")
+        proto.transport.writelines(framed(message))
+
+    async def receive(self) -> bytearray:
+        proto = self.proto
+        if proto is None:
+            raise ConnectionLost(f"not connected to {self.url}")
+        try:
+            return await proto.next_message(self.options.timeout)
+        except MessageTooLarge as exc:
+            raise framing_error(proto.decoder, exc, self.url) from exc
         except asyncio.TimeoutError as exc:
-            raise RequestTimeout("no reply within the timeout") from exc
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ConnectionLost(f"connection lost: {exc}") from exc
+            raise RequestTimeout(f"no reply from {self.url} within {self.options.timeout:g}s") from exc
+        except (OSError, EOFError) as exc:
+            raise translate(SOCKET, exc, self.url) from exc
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except (OSError, ConnectionError):
-                pass
-            self.writer = self.reader = None
+        proto, self.proto = self.proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+
+
+TcpTransport = TcpPump
+AsyncTcpTransport = AsyncTcpPump
+
+__all__ = ["AsyncTcpPump", "TcpPump"]

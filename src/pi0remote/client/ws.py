@@ -1,87 +1,161 @@
 """``ws://host:port/ws`` and ``wss://``: one pi0remote message per binary WebSocket message.
 
-The sync client drives the ``websockets`` package's sans-I/O ``ClientProtocol`` over a blocking
-socket: no background thread and no hand-offs per call. The token goes in the upgrade request's
-``Authorization: Bearer`` header; then HELLO / METADATA as on every transport.
+The sync pump drives the ``websockets`` package's sans-I/O ``ClientProtocol`` over a blocking socket (no
+background thread, no hand-offs per call; each request frame masked and written in one system call); the
+async pump is ``websockets.asyncio``. The token goes in the upgrade request's ``Authorization: Bearer``
+header; then HELLO / METADATA as on every transport.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any
 
-from .. import protocol
-from ..errors import (
-    AuthenticationError,
-    ConnectError,
-    ConnectionLost,
-    MessageTooLarge,
-    ProtocolError,
-    RequestTimeout,
-    TransportError,
+from ..errors import ConnectError, ConnectionLost, ProtocolError, RequestTimeout, TransportMismatch
+from ._sock import (
+    check_not_stale,
+    close_quietly,
+    host_port,
+    open_socket,
+    readable,
+    recv_into,
+    send_all,
+    transport_stale,
 )
-from ._sock import async_with_retries, host_port, open_socket, recv_into, send_all, with_retries
-from .base import AsyncTransport, Transport, _decode_reply
+from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .translate import swap_scheme, translate, websockets_table, ws_status_error
 
 
-def close_blocking_websocket(sock: socket.socket | None, proto: Any) -> None:
-    """Send a close frame if possible, then close the socket; never raises."""
-    if sock is None:
-        return
-    try:
-        proto.send_close()
-        data = [d for d in proto.data_to_send() if d]
+class BlockingWebSocket:
+    """websockets' sans-I/O client protocol over one blocking socket (also used by the openpi pump)."""
+
+    def __init__(self, url: str, ws_url: str, timeout: float, max_message_bytes: int, tls: bool) -> None:
+        self.url = url
+        self.ws_url = ws_url
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self.tls = tls
+        self.host, self.port = host_port(ws_url, 443 if tls else 80)
+        self.sock: socket.socket | None = None
+        self.proto: Any = None
+        self._buf = bytearray(1 << 18)
+        self._fragments: list[bytes] = []
+        self.text = False
+        """Whether the last message returned by :meth:`recv_message` was a text message."""
+
+    def _flush(self) -> None:
+        assert self.sock is not None
+        data = [d for d in self.proto.data_to_send() if d]
         if data:
-            send_all(sock, *data)
-    except Exception:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
+            send_all(self.sock, *data, url=self.url)
 
+    def _read(self) -> bytes:
+        assert self.sock is not None
+        n = recv_into(self.sock, memoryview(self._buf), self.url)
+        return bytes(self._buf[:n])
 
-async def open_async_websocket(options: Any, url: str, headers: dict[str, str] | None) -> Any:
-    """A ``websockets.asyncio`` connection with pi0remote's settings and bounded retries.
-
-    ``options`` supplies ``timeout``, ``retries`` and ``max_message_bytes``; no compression, no pings.
-    """
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
-
-    async def attempt() -> Any:
+    def _feed(self, data: bytes) -> list[Any]:
+        self.proto.receive_data(data)
+        events = self.proto.events_received()
+        if self.proto.parser_exc is not None:
+            raise translate(websockets_table(), self.proto.parser_exc, self.url)
         try:
-            return await connect(
-                url,
-                additional_headers=headers,
-                max_size=options.max_message_bytes,
-                compression=None,
-                open_timeout=options.timeout,
-                ping_interval=None,
-            )
-        except InvalidStatus as exc:
-            raise upgrade_refused(exc.response.status_code) from exc
+            self._flush()  # pongs, close replies
+        except ConnectionLost:
+            if self.proto.close_rcvd is None:
+                raise  # else the close frame in `events` says why
+        return events
 
-    return await async_with_retries(attempt, options.url, options.retries)
+    def handshake(self, headers: dict[str, str] | None) -> list[Any]:
+        """Connect and upgrade; returns the events that arrived with the response (openpi's metadata)."""
+        from websockets.client import ClientProtocol
+        from websockets.http11 import Response
+        from websockets.uri import parse_uri
 
+        self.sock = open_socket(self.url, self.host, self.port, self.timeout, tls=self.tls)
+        self.proto = ClientProtocol(parse_uri(self.ws_url), max_size=self.max_message_bytes)
+        request = self.proto.connect()
+        for name, value in (headers or {}).items():
+            request.headers[name] = value
+        self.proto.send_request(request)
+        self._flush()
+        response, pending, first = None, [], True
+        while response is None:
+            data = self._read()
+            if first and not data.startswith(b"HTTP/"[: len(data)]):
+                raise TransportMismatch(
+                    f"{self.url} did not answer the WebSocket upgrade in HTTP: if this is a pi0remote "
+                    f"TCP port, connect to {swap_scheme(self.url, 'tcp')}"
+                )
+            first = False
+            for event in self._feed(data):
+                if isinstance(event, Response):
+                    response = event
+                elif response is not None:
+                    pending.append(event)
+        if response.status_code != 101:
+            raise ws_status_error(response.status_code, self.url)
+        if self.proto.handshake_exc is not None:
+            raise ConnectError(f"WebSocket handshake with {self.url} failed: {self.proto.handshake_exc}")
+        return pending
 
-async def async_websocket_exchange(ws: Any, payload: bytes, timeout: float) -> bytes | str:
-    """Send one message and await the next, translating websockets' failures into pi0remote errors."""
-    import asyncio
+    def send_message(self, message: Message, *, idle_input_ok: bool = False) -> None:
+        """One binary message; ConnectionLost (not delivered) unless the WebSocket is open and quiet."""
+        if self.proto is None or self.proto.state.name != "OPEN" or self.sock is None:
+            raise ConnectionLost(f"the WebSocket to {self.url} is not open")
+        sock = self.sock if idle_input_ok else check_not_stale(self.sock, self.url)
+        send_all(sock, *masked_binary_frame(message), url=self.url)
 
-    from websockets.exceptions import ConnectionClosed
+    def drain(self) -> None:
+        """Take in what arrived between exchanges (pings, a close) without waiting for more."""
+        while self.sock is not None and readable(self.sock):
+            if self.message(self._feed(self._read())) is not None:
+                raise ConnectionLost(f"{self.url} sent a message nobody asked for")
 
-    if ws is None:
-        raise ConnectionLost("not connected")
-    try:
-        await ws.send(payload)
-        return await asyncio.wait_for(ws.recv(), timeout)
-    except asyncio.TimeoutError as exc:
-        raise RequestTimeout("no reply within the timeout") from exc
-    except ConnectionClosed as exc:
-        rcvd = exc.rcvd
-        raise _close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+    def message(self, events: list[Any]) -> bytes | None:
+        """The first complete data message in ``events``; raises on a close frame."""
+        from websockets.frames import Frame, Opcode
+
+        for event in events:
+            if not isinstance(event, Frame):
+                continue
+            if event.opcode == Opcode.CLOSE:
+                from websockets.exceptions import ConnectionClosedError
+
+                rcvd, sent = self.proto.close_rcvd, self.proto.close_sent
+                exc = ConnectionClosedError(rcvd, sent, True if rcvd and sent else None)
+                raise translate(websockets_table(), exc, self.url)
+            if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                if event.opcode != Opcode.CONT:
+                    self.text = event.opcode == Opcode.TEXT
+                self._fragments.append(event.data)
+                if event.fin:
+                    data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+                    self._fragments = []
+                    return data
+        return None
+
+    def recv_message(self) -> bytes:
+        while (data := self.message(self._feed(self._read()))) is None:
+            pass
+        return data
+
+    def close(self) -> None:
+        """Send a close frame if possible, then close the socket; never raises."""
+        sock, proto = self.sock, self.proto
+        self.sock = self.proto = None
+        self._fragments = []
+        if sock is not None and proto is not None:
+            try:
+                proto.send_close()
+                data = [d for d in proto.data_to_send() if d]
+                if data:
+                    send_all(sock, *data)
+            except Exception:
+                pass
+        close_quietly(sock)
 
 
 def masked_binary_frame(message: bytes | list) -> list[bytes | memoryview]:
@@ -113,133 +187,109 @@ def masked_binary_frame(message: bytes | list) -> list[bytes | memoryview]:
     return frame
 
 
-def upgrade_refused(status: int) -> Exception:
-    if status == 401:
-        return AuthenticationError("server refused the WebSocket upgrade: missing or wrong token")
-    return ConnectError(f"WebSocket upgrade refused: HTTP {status}")
-
-
-def _close_error(code: int | None, reason: str) -> Exception:
-    if code == 1009:
-        return MessageTooLarge(f"server closed the WebSocket: message too big ({reason})")
-    return ConnectionLost(f"server closed the WebSocket (code {code}: {reason})")
-
-
-class WsTransport(Transport):
+class WsPump(BytePump):
     scheme = "ws"
     accepts_parts = True
+    token_in_headers = True
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self.tls = url.startswith("wss://")
-        self.host, self.port = host_port(url, 443 if self.tls else 80)
-        self.sock: socket.socket | None = None
-        self.proto: Any = None
-        self._buf = bytearray(1 << 18)
-        self._fragments: list[bytes] = []
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
+        tls = options.url.lower().startswith("wss://")
+        self.ws = BlockingWebSocket(options.url, options.url, options.timeout, options.max_message_bytes, tls)
 
-    def _flush(self) -> None:
-        assert self.sock is not None
-        data = [d for d in self.proto.data_to_send() if d]
-        if data:
-            send_all(self.sock, *data)
+    def open(self) -> None:
+        token = self.options.token
+        self.ws.handshake({"Authorization": f"Bearer {token}"} if token is not None else None)
 
-    def _pump(self) -> list[Any]:
-        """Read once from the socket; return the protocol events it completed."""
-        assert self.sock is not None
-        n = recv_into(self.sock, memoryview(self._buf))
-        self.proto.receive_data(bytes(self._buf[:n]))
-        events = self.proto.events_received()
-        try:
-            self._flush()  # pongs, close replies
-        except TransportError:
-            if self.proto.close_rcvd is None:
-                raise  # else the close frame in `events` says why, and the roundtrip reports it
-        return events
+    def send(self, message: Message) -> None:
+        self.ws.send_message(message)
 
-    def open(self) -> dict[str, Any]:
-        from websockets.client import ClientProtocol
-        from websockets.http11 import Response
-        from websockets.uri import parse_uri
-
-        self.sock = with_retries(
-            lambda: open_socket(self.host, self.port, self.timeout, tls=self.tls), self.url, self.retries
-        )
-        try:
-            self.proto = ClientProtocol(parse_uri(self.url), max_size=self.max_message_bytes)
-            request = self.proto.connect()
-            if self.token is not None:
-                request.headers["Authorization"] = f"Bearer {self.token}"
-            self.proto.send_request(request)
-            self._flush()
-            response = None
-            while response is None:
-                for event in self._pump():
-                    if isinstance(event, Response):
-                        response = event
-            if response.status_code != 101:
-                raise upgrade_refused(response.status_code)
-            if self.proto.handshake_exc is not None:
-                raise ConnectError(f"WebSocket handshake failed: {self.proto.handshake_exc}")
-            kind, body = self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
-            return _decode_reply(kind, body, protocol.METADATA)
-        except BaseException:
-            self.close()
-            raise
-
-    def roundtrip(self, message: bytes | list) -> tuple[int, memoryview]:
-        from websockets.frames import Frame, Opcode
-
-        if self.sock is None or self.proto is None:
-            raise ConnectionLost("not connected")
-        if self.proto.state.name != "OPEN":
-            raise ConnectionLost(f"WebSocket is {self.proto.state.name.lower()}")
-        send_all(self.sock, *masked_binary_frame(message))
-        while True:
-            for event in self._pump():
-                if not isinstance(event, Frame):
-                    continue
-                if event.opcode == Opcode.CLOSE:
-                    close = self.proto.close_rcvd
-                    raise _close_error(close.code if close else None, close.reason if close else "")
-                if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-                    self._fragments.append(event.data)
-                    if event.fin:
-                        data = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
-                        self._fragments = []
-                        return protocol.split_message(data)
-            if self.proto.close_exc is not None and self.proto.state.name == "CLOSED":
-                raise ConnectionLost("WebSocket closed")
+    def receive(self) -> bytes:
+        data = self.ws.recv_message()
+        if self.ws.text:
+            raise ProtocolError(f"{self.url} sent a text WebSocket message")
+        return data
 
     def close(self) -> None:
-        close_blocking_websocket(self.sock, self.proto)
-        self.sock = None
-        self.proto = None
+        self.ws.close()
 
 
-class AsyncWsTransport(AsyncTransport):
+async def open_async_websocket(url: str, options: ClientOptions, headers: dict[str, str] | None) -> Any:
+    """A ``websockets.asyncio`` connection with pi0remote's settings: no compression, no pings."""
+    from websockets.asyncio.client import connect
+
+    try:
+        return await connect(
+            url,
+            additional_headers=headers,
+            max_size=options.max_message_bytes,
+            compression=None,
+            open_timeout=options.timeout,
+            ping_interval=None,
+        )
+    except Exception as exc:
+        raise translate(websockets_table(), exc, options.url, connecting=True) from exc
+
+
+async def async_ws_send(ws: Any, payload: Any, url: str) -> None:
+    """Send one message; ConnectionLost (not delivered) when the WebSocket is no longer open."""
+    from websockets.protocol import State
+
+    if ws is None or ws.protocol.state is not State.OPEN or transport_stale(ws.transport):
+        raise ConnectionLost(f"the WebSocket to {url} is not open")
+    try:
+        await ws.send(payload)
+    except Exception as exc:
+        raise translate(websockets_table(), exc, url) from exc
+
+
+async def async_ws_recv(ws: Any, timeout: float, url: str) -> bytes | str:
+    if ws is None:
+        raise ConnectionLost(f"not connected to {url}")
+    try:
+        return await asyncio.wait_for(ws.recv(), timeout)
+    except asyncio.TimeoutError as exc:
+        raise RequestTimeout(f"no reply from {url} within {timeout:g}s") from exc
+    except Exception as exc:
+        raise translate(websockets_table(), exc, url) from exc
+
+
+async def close_async_websocket(ws: Any) -> None:
+    if ws is not None:
+        try:
+            await ws.close()
+        except Exception:
+            pass
+
+
+class AsyncWsPump(AsyncBytePump):
     scheme = "ws"
+    token_in_headers = True
 
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
+    def __init__(self, options: ClientOptions) -> None:
+        super().__init__(options)
         self.ws: Any = None
 
-    async def open(self) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else None
-        self.ws = await open_async_websocket(self, self.url, headers)
-        kind, body = await self.roundtrip(protocol.encode_message(protocol.HELLO, protocol.hello_body(None)))
-        return _decode_reply(kind, body, protocol.METADATA)
+    async def open(self) -> None:
+        token = self.options.token
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+        self.ws = await open_async_websocket(self.url, self.options, headers)
 
-    async def roundtrip(self, message: bytes) -> tuple[int, memoryview]:
-        data = await async_websocket_exchange(self.ws, message, self.timeout)
+    async def send(self, message: Message) -> None:
+        await async_ws_send(self.ws, message, self.url)
+
+    async def receive(self) -> bytes:
+        data = await async_ws_recv(self.ws, self.options.timeout, self.url)
         if isinstance(data, str):
-            raise ProtocolError("server sent a text WebSocket message")
-        return protocol.split_message(data)
+            raise ProtocolError(f"{self.url} sent a text WebSocket message")
+        return data
 
     async def close(self) -> None:
-        if self.ws is not None:
-            try:
-                await self.ws.close()
-            except Exception:
-                pass
-            self.ws = None
+        ws, self.ws = self.ws, None
+        await close_async_websocket(ws)
+
+
+WsTransport = WsPump
+AsyncWsTransport = AsyncWsPump
+
+__all__ = ["AsyncWsPump", "BlockingWebSocket", "WsPump", "masked_binary_frame"]

@@ -18,6 +18,11 @@ uses:
 * ``strategy="async"``: ask when at most ``prefetch_at`` actions remain (``"auto"``: the largest recent
   delay in ticks + 2), keep the whole chunk, blend the overlap (``"latest"`` or ``"linear"``); with
   ``max_in_flight > 1`` requests are pipelined (a request covers its step + 49 while in flight).
+  ``async-latest`` and ``async-linear`` name the blend in the strategy (for sweeps that compare both).
+* ``strategy="rtc"``: real-time chunking (docs/rtc.md). Asks like ``async`` (``prefetch_at``); the
+  request carries the unexecuted rest of the queue and ``d``, the largest recent delay in ticks; the
+  policy (one that declares ``"rtc": true``) guides the new chunk to continue that rest, and the chunk
+  replaces the queue from the step it is aligned to, with no blending.
 
 Alignment is by step index: the request made at tick ``t`` carries ``step = t`` (the privileged expert
 answers with its plan from step ``t`` on), so the action executed at tick ``k`` is ``chunk[k - t]``.
@@ -37,7 +42,16 @@ from ..broker import ActionChunkBroker, SimulatedLatency
 
 DT = 0.02
 CLOCKS = ("sync", "realtime")
-STRATEGIES = ("blocking", "async")
+STRATEGIES = ("blocking", "async", "async-latest", "async-linear", "rtc")
+"""``--exec`` names; ``async-latest`` / ``async-linear`` are ``async`` with that blend."""
+
+
+def split_strategy(strategy: str, blend: str = "latest") -> tuple[str, str]:
+    """``(base strategy, blend)``: ``async-linear`` -> ``("async", "linear")``; others keep ``blend``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    base, _, suffix = strategy.partition("-")
+    return base, suffix or blend
 
 
 @dataclass(frozen=True)
@@ -106,8 +120,7 @@ class TickExecutor:
         max_in_flight: int = 1,
         dt: float = DT,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        strategy, blend = split_strategy(strategy, blend)
         if clock not in CLOCKS:
             raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
         self.strategy, self.clock, self.dt = strategy, clock, dt
@@ -137,10 +150,11 @@ class TickExecutor:
             horizon: int | None = self.action_horizon
         else:
             prefetch, horizon = self.prefetch_at, None
+        rtc = self.strategy == "rtc"
         return ActionChunkBroker(
-            prefetch_at=prefetch, horizon=horizon, blend=self.blend, dt=self.dt,
+            prefetch_at=prefetch, horizon=horizon, blend="latest" if rtc else self.blend, dt=self.dt,
             max_in_flight=self.max_in_flight if self.strategy == "async" else 1,
-            requester=SimulatedLatency(client, delay),
+            requester=SimulatedLatency(client, delay), rtc=rtc,
         )  # fmt: skip
 
     def run(
@@ -158,7 +172,9 @@ class TickExecutor:
 
         def record(arrival: Any) -> Reply:
             rtt, inference = reply_timing(arrival.reply or {}, (arrival.latency_s or 0.0) * 1000)
-            got = Reply(np.asarray(arrival.reply["action"]), rtt, inference)
+            info = (arrival.reply or {}).get("rtc")
+            error = info.get("prefix_error") if isinstance(info, dict) else None
+            got = Reply(np.asarray(arrival.reply["action"]), rtt, inference, error)
             metrics.record_call(got, delay_ticks=arrival.delay_steps, dropped=arrival.dropped)
             return got
 
@@ -205,7 +221,7 @@ def make_executor(
 ) -> Any:  # fmt: skip
     """The executor for a clock and strategy: :class:`~.eval.SyncExecutor` for sync/blocking (the
     reference behaviour), a :class:`TickExecutor` otherwise."""
-    if clock == "sync" and strategy == "blocking":
+    if clock == "sync" and split_strategy(strategy)[0] == "blocking":
         if latency is not None:
             raise ValueError("--latency needs --clock realtime (the sync clock waits for every reply)")
         from .eval import SyncExecutor
@@ -219,4 +235,6 @@ def make_executor(
     )  # fmt: skip
 
 
-__all__ = ["CLOCKS", "STRATEGIES", "LatencySpec", "TickExecutor", "delay_ticks", "make_executor"]
+__all__ = [
+    "CLOCKS", "STRATEGIES", "LatencySpec", "TickExecutor", "delay_ticks", "make_executor", "split_strategy",
+]  # fmt: skip

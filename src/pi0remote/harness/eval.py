@@ -58,6 +58,9 @@ class DirectPolicy:
         return cls(load_policy(name), name)
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        from ..rtc import check_supported
+
+        check_supported(obs, self.metadata)  # as the server does: 'rtc' only for policies declaring it
         t0 = time.perf_counter()
         reply = dict(self.policy.infer(obs))
         ms = (time.perf_counter() - t0) * 1000
@@ -107,6 +110,8 @@ class Reply:
     """Request to reply as the client saw it."""
     inference_ms: float | None
     """The server's policy time, when it reports one."""
+    prefix_error: float | None = None
+    """Real-time chunking: the reply's ``rtc.prefix_error`` (None for a request without ``rtc``)."""
 
 
 def reply_timing(raw: dict[str, Any], wall_ms: float) -> tuple[float, float | None]:
@@ -194,6 +199,8 @@ class EpisodeResult:
     """Actions discarded because their step had passed when the chunk arrived."""
     delay_ticks: list[int] = field(default_factory=list)
     """Every arrived call's delay in control ticks (realtime clock)."""
+    prefix_error_max: float | None = None
+    """Real-time chunking: the largest ``rtc.prefix_error`` a reply reported (robot units)."""
 
 
 @dataclass
@@ -220,6 +227,7 @@ class EpisodeMetrics:
     success_time_s: float | None = None
     dropped_actions: int = 0
     delay_ticks: list[int] = field(default_factory=list)
+    prefix_error_max: float | None = None
     _prev: np.ndarray | None = None
     _prev_chunk: int | None = None
 
@@ -230,6 +238,8 @@ class EpisodeMetrics:
         if delay_ticks is not None:
             self.delay_ticks.append(int(delay_ticks))
         self.dropped_actions += dropped
+        if reply.prefix_error is not None:
+            self.prefix_error_max = max(self.prefix_error_max or 0.0, float(reply.prefix_error))
 
     def record_step(
         self, reward: float, terminated: bool, action: np.ndarray | None = None, *, fresh: bool = True,
@@ -294,7 +304,7 @@ class EpisodeMetrics:
             effective_rate_hz=rate,
             discontinuity_rad=self.max_jump, boundary_jump_rad=self.boundary_jump,
             success_time_s=self.success_time_s, dropped_actions=self.dropped_actions,
-            delay_ticks=list(self.delay_ticks),
+            delay_ticks=list(self.delay_ticks), prefix_error_max=self.prefix_error_max,
         )  # fmt: skip
 
 
@@ -331,10 +341,16 @@ def aggregate(mode: str, episodes: list[EpisodeResult]) -> dict[str, Any]:
         "discontinuity_rad_max": max(
             (e.discontinuity_rad for e in episodes if e.discontinuity_rad is not None), default=None
         ),
+        "boundary_jump_rad_mean": mean(
+            [e.boundary_jump_rad for e in episodes if e.boundary_jump_rad is not None]
+        ),
         "boundary_jump_rad_max": max(
             (e.boundary_jump_rad for e in episodes if e.boundary_jump_rad is not None), default=None
         ),
         "delay_ticks_p50": percentile([x for e in episodes for x in e.delay_ticks], 50),
+        "prefix_error_max_mean": mean(
+            [e.prefix_error_max for e in episodes if e.prefix_error_max is not None]
+        ),
     }
 
 
@@ -354,7 +370,7 @@ class EvalConfig:
     clock: str = "sync"
     """``sync``: the simulator waits for every reply; ``realtime``: it keeps going (see :mod:`.clock`)."""
     strategy: str = "blocking"
-    """``blocking`` or ``async`` (``--exec``)."""
+    """``blocking``, ``async`` (``async-latest`` / ``async-linear`` name the blend) or ``rtc`` (``--exec``)."""
     latency: str | None = None
     """Injected latency on the realtime clock (``300ms``, ``300ms±50ms``); None: the measured round trip."""
     prefetch_at: int | str = "auto"
@@ -475,6 +491,8 @@ def evaluate_mode(
     client = open_policy(mode) if own else client
     try:
         check_task(metadata_dict(client), cfg.task, mode)
+        if cfg.strategy == "rtc" and not metadata_dict(client).get("rtc"):
+            raise SystemExit(f"{mode}: --exec rtc needs a policy that declares 'rtc' (a flow policy)")
         results = []
         executor = cfg.executor()
         for i in range(cfg.episodes):
@@ -541,10 +559,14 @@ def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Pa
     high = np.array([a["wilson95_high"] for a in aggregates])
     fig, ax = plt.subplots(figsize=(1.6 * len(aggregates) + 2.5, 3.6))
     ax.bar(range(len(aggregates)), rates, yerr=[rates - low, high - rates], capsize=6, color="#4c72b0")
-    for i, a in enumerate(aggregates):
-        ax.text(i, 0.02, f"{a['successes']}/{a['episodes']}", ha="center", color="white")
+    for i, a in enumerate(aggregates):  # above the bar (and its error bar) in dark text: readable at 0 %
+        ax.text(
+            i, high[i] + 0.02, f"{a['successes']}/{a['episodes']}", ha="center", va="bottom",
+            color="#222222", fontsize=10,
+        )  # fmt: skip
     ax.set_xticks(range(len(aggregates)), [a["mode"] for a in aggregates], rotation=15, ha="right")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("success rate (95% Wilson)")
     ax.set_title(title)
     fig.tight_layout()

@@ -58,6 +58,14 @@ class ServerProcess:
                 return url
         raise KeyError(f"server is not listening on {scheme}: {self.urls}")
 
+    @property
+    def quic_fingerprint(self) -> str | None:
+        """The SHA-256 fingerprint of the server's QUIC certificate, when it printed one."""
+        for line in self.lines:
+            if line.startswith("quic fingerprint sha256:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.terminate()

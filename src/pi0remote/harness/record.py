@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,10 @@ def _latency_text(ms: float | None) -> str:
 def record_episode(
     client: Any, env: Any, seed: int, cfg: EvalConfig, path: Path, *, mode: str, episode: int = 0,
 ) -> Recording:  # fmt: skip
-    """Run one episode, writing its annotated MP4 to ``path``; returns the downscaled frames."""
+    """Run one episode, writing its annotated MP4 to ``path``; returns the downscaled frames. A progress
+    bar counts its steps (rendering and encoding make a step cost tens of milliseconds)."""
     import imageio.v2 as imageio
+    from tqdm import tqdm
 
     executor = SyncExecutor()
     rec = Recording(mode=mode, seed=seed)
@@ -112,20 +115,24 @@ def record_episode(
             )
             rec.frames.append(Frame(downscale(frame), step, latency, executor.robot_time_s))
 
-        rec.result = run_episode(
-            client, env, seed, cfg, mode=mode, episode=episode, executor=executor, on_step=on_step
-        )
+        desc = f"{mode} seed {seed}"
+        with tqdm(total=cfg.max_steps, desc=desc, unit="step", leave=False, file=sys.stderr) as bar:
+            rec.result = run_episode(
+                client, env, seed, cfg, mode=mode, episode=episode, executor=executor, on_step=on_step,
+                progress=bar,
+            )  # fmt: skip
     return rec
 
 
 def compose_side_by_side(recordings: list[Recording], path: Path, fps: int = COMPARE_FPS) -> int:
     """One MP4 with a pane per mode, all on the robot clock; returns the number of frames written."""
     import imageio.v2 as imageio
+    from tqdm import tqdm
 
     end = max(r.frames[-1].time_s for r in recordings) + 0.5
     n = int(np.ceil(end * fps))
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=16) as video:
-        for i in range(n):
+        for i in tqdm(range(n), desc="side by side", unit="frame", leave=False, file=sys.stderr):
             t = i / fps
             panes = [_pane(r, t) for r in recordings]
             video.append_data(np.concatenate(panes, axis=1))
@@ -155,7 +162,7 @@ def record(
     results: dict[str, list[EpisodeResult]] = {m: [] for m in modes}
     try:
         with make_env(cfg.task, render=False, max_steps=cfg.max_steps) as env:
-            for i in tqdm(range(cfg.episodes), desc="episodes", unit="ep"):
+            for i in tqdm(range(cfg.episodes), desc="episodes", unit="ep", file=sys.stderr):
                 seed = cfg.seed + i
                 recs = []
                 for mode in modes:

@@ -1,10 +1,12 @@
 """Latency sweep: success, stalls and discontinuity versus injected latency, one line per strategy.
 
 ``python -m pi0remote.eval --policy expert --no-images --sweep-latency 0,100,200,300,500,800
---exec blocking,async --episodes 50`` runs every (strategy, latency) point on the realtime clock with
+--exec blocking,async --episodes 50`` (or ``--exec blocking,async-latest,async-linear,rtc`` for a flow
+policy) runs every (strategy, latency) point on the realtime clock with
 the same seeds, and writes, besides the usual results folder (episodes.jsonl, aggregate.json,
-summary.md), ``sweep.json`` (one entry per point) and ``sweep.png`` (four panels: success rate with 95 %
-Wilson bars, stall fraction, largest joint jump, time to success).
+summary.md), ``sweep.json`` (one entry per point) and ``sweep.png`` (six panels: success rate with 95 %
+Wilson bars, stall fraction, time to success, largest joint jump, largest jump at a chunk switch, and
+real-time chunking's prefix error).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from .eval import EvalConfig, ResultsWriter, aggregate, evaluate_mode
 POINT_KEYS = (
     "episodes", "successes", "success_rate", "wilson95_low", "wilson95_high", "mean_steps_to_success",
     "mean_success_time_s", "stall_fraction", "stall_fraction_max", "stall_fraction_total",
-    "effective_rate_hz", "discontinuity_rad_mean", "discontinuity_rad_max", "boundary_jump_rad_max",
-    "policy_calls_per_episode", "round_trip_ms_p50",
+    "effective_rate_hz", "discontinuity_rad_mean", "discontinuity_rad_max", "boundary_jump_rad_mean", "boundary_jump_rad_max",
+    "policy_calls_per_episode", "round_trip_ms_p50", "prefix_error_max_mean",
 )  # fmt: skip
 
 
@@ -106,9 +108,9 @@ def run_sweep(
 def format_sweep(doc: dict[str, Any]) -> str:
     """A compact Markdown table: one row per point."""
     lines = [
-        "| strategy | latency ms | ticks | success [95% CI] | stall | jump rad mean / max | steps to success "
-        "| t success s |",
-        "|" + "---|" * 8,
+        "| strategy | latency ms | ticks | success [95% CI] | stall | jump rad mean / max | switch jump rad "
+        "| steps to success | t success s |",
+        "|" + "---|" * 9,
     ]
 
     def f(v: Any, spec: str) -> str:
@@ -120,13 +122,14 @@ def format_sweep(doc: dict[str, Any]) -> str:
             f"| {p['strategy']} | {p['latency_ms']:g} | {p['delay_ticks']} | {rate} "
             f"| {f(p['stall_fraction'], '.1%')} "
             f"| {f(p['discontinuity_rad_mean'], '.2f')} / {f(p['discontinuity_rad_max'], '.2f')} "
+            f"| {f(p.get('boundary_jump_rad_mean'), '.3f')} "
             f"| {f(p['mean_steps_to_success'], '.1f')} | {f(p['mean_success_time_s'], '.2f')} |"
         )
     return "\n".join(lines)
 
 
 def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
-    """Four panels versus latency, one line per strategy (matplotlib, Agg)."""
+    """Six panels versus latency, one line per strategy (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +137,16 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> Path:
     import numpy as np
 
     strategies = list(dict.fromkeys(p["strategy"] for p in doc["points"]))
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
     panels = [
         (axes[0, 0], "success rate (95% Wilson)", "success_rate"),
         (axes[0, 1], "stall fraction (ticks holding)", "stall_fraction"),
+        (axes[0, 2], "time to success (s, mean over successes, incl. first wait)", "mean_success_time_s"),
         (axes[1, 0], "largest arm-joint jump per episode (rad, mean)", "discontinuity_rad_mean"),
-        (axes[1, 1], "time to success (s, mean over successes, incl. first wait)", "mean_success_time_s"),
+        (axes[1, 1], "largest jump at a chunk switch per episode (rad, mean)", "boundary_jump_rad_mean"),
+        (axes[1, 2], "rtc: largest prefix_error per episode (mean)", "prefix_error_max_mean"),
     ]
-    markers = {"blocking": "s", "async": "o"}
+    markers = {"blocking": "s", "async": "o", "async-latest": "o", "async-linear": "^", "rtc": "D"}
     span = max((p["latency_ms"] for p in doc["points"]), default=0.0) or 1.0
     for i, s in enumerate(strategies):
         pts = [p for p in doc["points"] if p["strategy"] == s]

@@ -12,6 +12,7 @@ from .base import (
     PolicyMetadata,
     policy_metadata,
     validate_obs,
+    validate_request,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "load_policy",
     "policy_metadata",
     "validate_obs",
+    "validate_request",
 ]
 
 # Built-in names and where they live; heavy ones are imported only when asked for.

@@ -6,6 +6,8 @@ A policy is any object with ``infer(obs: dict) -> dict``; it may also have
 * ``reset()``: called when a client asks for a new episode;
 * ``infer_batch(list[dict]) -> list[dict]``: several observations at once (the server batches
   concurrent requests into one call when ``--max-batch`` > 1);
+* ``metadata.extra["rtc"] = True``: it honours a request's ``rtc`` field (real-time chunking, see
+  :mod:`pi0remote.rtc`); the server refuses that field for every other policy (:func:`validate_request`);
 * ``inline = True``: ``infer`` is non-blocking and takes microseconds, so the server may call it on
   its event loop instead of handing it to the policy thread (the built-in ``zeros`` and ``echo``).
 
@@ -128,3 +130,12 @@ def validate_obs(obs: Any, spec: Mapping[str, ArraySpec]) -> None:
         if key not in obs:
             raise InvalidInputError(f"missing key {key!r} (expected keys: {sorted(spec)})")
         s.check(key, obs[key])
+
+
+def validate_request(obs: Any, meta: PolicyMetadata) -> None:
+    """:func:`validate_obs` against ``meta.input_spec``, and refuse an ``rtc`` field unless the policy
+    declares ``"rtc": true`` (never run a real-time-chunking request unguided)."""
+    from ..rtc import check_supported
+
+    validate_obs(obs, meta.input_spec)
+    check_supported(obs, meta.extra)

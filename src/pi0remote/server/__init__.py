@@ -1,4 +1,7 @@
-"""``PolicyServer``: one policy runner fanned into by one listener per transport.
+"""``PolicyServer``: one policy core fanned into by one listener per transport.
+
+Listeners register through one protocol (:mod:`pi0remote.server.listener`): ``start(core, options)``
+returns an object with ``urls`` and ``close()``; the server keeps them in :attr:`PolicyServer.listeners`.
 
 >>> server = PolicyServer(ZerosPolicy(), host="127.0.0.1", http_port=0, tcp_port=0)   # doctest: +SKIP
 >>> urls = await server.start()          # ['http://127.0.0.1:41234', 'ws://127.0.0.1:41234/ws', 'tcp://…']
@@ -17,20 +20,19 @@ from typing import Any
 from .. import protocol
 from .._malloc import tune_malloc
 from .core import ServerCore, Session
+from .limits import Limits, quiet_accept_errors, resolve_token
+from .listener import LISTENERS, Listener, ListenerOptions
 
 ALL_TRANSPORTS = ("http", "ws", "tcp", "quic", "quic+tcp")
 
-# Optional listeners live in their own modules: start(server) -> list of URLs.
-_EXTRA_LISTENERS: dict[str, str] = {
-    "quic": "pi0remote.server.quic:start_quic_listeners",
-    "openpi": "pi0remote.server.openpi_ws:start_openpi_listener",
-}
-
 
 def _host_for_url(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
+    return ListenerOptions(host=host).url_host
+
+
+def _start_function(name: str) -> Callable[..., Any]:
+    module_name, _, attr = LISTENERS[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 class PolicyServer:
@@ -52,6 +54,7 @@ class PolicyServer:
         token: str | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float | None = 300.0,
+        limits: Limits | dict[str, Any] | None = None,
         # batching
         max_batch: int = 1,
         batch_window_ms: float = 2.0,
@@ -61,8 +64,15 @@ class PolicyServer:
         quic_options: dict[str, Any] | None = None,
         debug: bool = False,
     ) -> None:
+        self.limits = limits if isinstance(limits, Limits) else Limits.from_options(limits)
         self.core = ServerCore(
-            policy, name=name, token=token, max_batch=max_batch, batch_window_ms=batch_window_ms
+            policy,
+            name=name,
+            token=token,
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+            limits=self.limits,
+            max_message_bytes=max_message_bytes,
         )
         self.host = host
         self.http_port = http_port
@@ -80,7 +90,8 @@ class PolicyServer:
         self.quic_options = dict(quic_options or {})
         self.debug = debug
         self.urls: list[str] = []
-        self._servers: list[asyncio.AbstractServer] = []
+        self.listeners: dict[str, Listener] = {}
+        """Open listeners by name (``http``, ``tcp``, ``quic``, ``openpi``), in start order."""
         self._closers: list[Callable[[], Any]] = []
 
     @property
@@ -95,48 +106,58 @@ class PolicyServer:
         raise KeyError(f"not listening on {scheme}: {self.urls}")
 
     def add_closer(self, closer: Callable[[], Any]) -> None:
-        """Called by optional listeners to be shut down with the server."""
+        """Something else to shut down with the server."""
         self._closers.append(closer)
 
     def listener_kwargs(self) -> dict[str, Any]:
         return {"max_message_bytes": self.max_message_bytes, "idle_timeout": self.idle_timeout}
 
+    def _wanted(self) -> list[tuple[str, int]]:
+        """(listener name, port) for each listener the settings ask for."""
+        want = set(self.transports)
+        wanted = [
+            ("http", self.http_port if want & {"http", "ws"} else None),
+            ("tcp", self.tcp_port if "tcp" in want else None),
+            ("quic", self.quic_port if want & {"quic", "quic+tcp"} else None),
+            ("openpi", self.openpi_port),
+        ]
+        return [(name, port) for name, port in wanted if port is not None]
+
+    def listener_options(self, port: int) -> ListenerOptions:
+        return ListenerOptions(
+            host=self.host,
+            port=port,
+            transports=self.transports,
+            max_message_bytes=self.max_message_bytes,
+            idle_timeout=self.idle_timeout,
+            debug=self.debug,
+            cert=self.cert,
+            key=self.key,
+            quic_options=self.quic_options,
+        )
+
     async def start(self) -> list[str]:
         """Open every listener; returns their URLs (health reports not-ready until :meth:`warmup`)."""
         tune_malloc()
-        loop = asyncio.get_running_loop()
-        opts = self.listener_kwargs()
-        host = _host_for_url(self.host)
-        if ("http" in self.transports or "ws" in self.transports) and self.http_port is not None:
-            from .http import HttpProtocol
-
-            srv = await loop.create_server(
-                lambda: HttpProtocol(self.core, debug=self.debug, **opts), self.host, self.http_port
-            )
-            self._servers.append(srv)
-            port = srv.sockets[0].getsockname()[1]
-            if "http" in self.transports:
-                self.urls.append(f"http://{host}:{port}")
-            if "ws" in self.transports:
-                self.urls.append(f"ws://{host}:{port}/ws")
-        if "tcp" in self.transports and self.tcp_port is not None:
-            from .tcp import FramedStreamProtocol
-
-            srv = await loop.create_server(
-                lambda: FramedStreamProtocol(self.core, **opts), self.host, self.tcp_port
-            )
-            self._servers.append(srv)
-            self.urls.append(f"tcp://{host}:{srv.sockets[0].getsockname()[1]}")
-        if self.quic_port is not None and ({"quic", "quic+tcp"} & set(self.transports)):
-            self.urls.extend(await self._start_extra("quic"))
-        if self.openpi_port is not None:
-            self.urls.extend(await self._start_extra("openpi"))
+        quiet_accept_errors(asyncio.get_running_loop())
+        for name, port in self._wanted():
+            listener = await _start_function(name)(self.core, self.listener_options(port))
+            self.listeners[name] = listener
+            self.urls.extend(listener.urls)
         return list(self.urls)
 
-    async def _start_extra(self, which: str) -> list[str]:
-        module_name, _, attr = _EXTRA_LISTENERS[which].partition(":")
-        start = getattr(importlib.import_module(module_name), attr)
-        return list(await start(self))
+    # what the QUIC listener opened (tests and the bench harness read these)
+    @property
+    def quic_listener(self) -> Any:
+        return getattr(self.listeners.get("quic"), "quic_listener", None)
+
+    @property
+    def quic_tcp_connections(self) -> Any:
+        return getattr(self.listeners.get("quic"), "quic_tcp_connections", set())
+
+    @property
+    def quic_udp_buffer(self) -> Any:
+        return getattr(self.listeners.get("quic"), "quic_udp_buffer", None)
 
     async def warmup(self) -> None:
         """Run the policy's ``warmup()`` (JIT compile) off the loop, then report ready."""
@@ -147,21 +168,14 @@ class PolicyServer:
         self.core.ready = True
 
     async def close(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        for transport in list(self.core.transports):
-            transport.abort()
-        self.core.transports.clear()
-        for closer in self._closers:
+        for closer in [*(listener.close for listener in self.listeners.values()), *self._closers]:
             result = closer()
             if asyncio.iscoroutine(result):
                 await result
-        for srv in self._servers:
-            try:
-                await asyncio.wait_for(srv.wait_closed(), 2.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
-        self._servers.clear()
+        self.listeners.clear()
+        for transport in list(self.core.transports):
+            transport.abort()
+        self.core.transports.clear()
         self.core.runner.close()
 
 
@@ -241,4 +255,14 @@ class BackgroundServer:
         self.stop()
 
 
-__all__ = ["ALL_TRANSPORTS", "BackgroundServer", "PolicyServer", "ServerCore", "Session"]
+__all__ = [
+    "ALL_TRANSPORTS",
+    "BackgroundServer",
+    "Limits",
+    "Listener",
+    "ListenerOptions",
+    "PolicyServer",
+    "ServerCore",
+    "Session",
+    "resolve_token",
+]

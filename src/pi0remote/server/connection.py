@@ -1,4 +1,10 @@
-"""What every server-side connection shares: an inbox served in order, an idle timer, the core."""
+"""What every server-side connection shares: an inbox served in order, an idle timer, the core.
+
+Also the per-connection bounds of :class:`~pi0remote.server.limits.Limits` that do not depend on the
+transport: the handshake deadline (authenticate within ``handshake_timeout`` seconds), back-pressure
+both ways (reading pauses while the inbox is full or while the client leaves its replies unread) and
+the drop of a client that stays unread longer than ``write_stall_timeout``.
+"""
 
 from __future__ import annotations
 
@@ -56,11 +62,15 @@ class MessageConnection:
         close: Callable[[], None],
         idle_timeout: float | None,
         pause: Callable[[bool], None] | None = None,
+        handshake_timeout: float | None = None,
+        write_stall_timeout: float | None = None,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
         self.session = session
         self._send = send
         self._close = close
+        self._abort = abort
         self._pause = pause
         self.idle_timeout = idle_timeout
         self._inbox: deque[Any] = deque()
@@ -70,7 +80,50 @@ class MessageConnection:
         self._suspended = False
         self.closed = False
         self._paused = False
+        self._write_blocked = False
+        self._write_resumed: asyncio.Event | None = None
+        self._stall_timeout = write_stall_timeout
+        self._stall: asyncio.TimerHandle | None = None
+        self._handshake: asyncio.TimerHandle | None = None
+        if handshake_timeout and not session.authenticated:
+            self._handshake = asyncio.get_running_loop().call_later(handshake_timeout, self._on_handshake)
         self.restart_idle_timer()
+
+    def _on_handshake(self) -> None:
+        self._handshake = None
+        if not self.session.authenticated and not self.closed:
+            self.shutdown()
+
+    # -- back-pressure ---------------------------------------------------------------------------
+    def writing_paused(self, paused: bool) -> None:
+        """The transport's write buffer passed its high-water mark (True) or drained (False).
+
+        While paused nothing more is served or read; a client that stays unread longer than
+        ``write_stall_timeout`` is dropped.
+        """
+        self._write_blocked = paused
+        loop = asyncio.get_running_loop()
+        if paused:
+            if self._stall is None and self._stall_timeout:
+                self._stall = loop.call_later(self._stall_timeout, self.abort)
+        else:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            if self._write_resumed is not None:
+                self._write_resumed.set()
+        self._update_reading()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a client that does not read its replies)."""
+        self._stall = None
+        self.shutdown(abort=True)
+
+    def _update_reading(self) -> None:
+        want = len(self._inbox) >= self.MAX_QUEUED or self._write_blocked
+        if self._pause is not None and want != self._paused and not self.closed:
+            self._paused = want
+            self._pause(want)
 
     def restart_idle_timer(self) -> None:
         """Mark activity now (a complete message or a reply); the idle clock restarts from here.
@@ -102,33 +155,41 @@ class MessageConnection:
         else:
             self._idle = loop.call_at(self._last_active + self.idle_timeout, self._on_idle)
 
-    def shutdown(self) -> None:
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle, self._stall, self._handshake):
+            if timer is not None:
+                timer.cancel()
+        self._idle = self._stall = self._handshake = None
+        if self._write_resumed is not None:
+            self._write_resumed.set()
+
+    def shutdown(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._idle is not None:
-            self._idle.cancel()
-        self._close()
+        self._cancel_timers()
+        self._inbox.clear()
+        if abort and self._abort is not None:
+            self._abort()
+        else:
+            self._close()
 
     def connection_lost(self) -> None:
         self.closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+        self._cancel_timers()
         self._inbox.clear()
 
     def message_received(self, message: Any) -> None:
         if self.closed:
             return
-        if self._task is None and not self._inbox:
+        if self._task is None and not self._inbox and not self._write_blocked:
             now = self.core.handle_now(message, self.session)
             if now is not None:
                 self._deliver(*now)
                 return
         self._inbox.append(message)
         self.suspend_idle_timer()
-        if len(self._inbox) >= self.MAX_QUEUED and self._pause and not self._paused:
-            self._paused = True
-            self._pause(True)
+        self._update_reading()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
@@ -144,10 +205,15 @@ class MessageConnection:
     async def _serve(self) -> None:
         try:
             while self._inbox and not self.closed:
+                while self._write_blocked and not self.closed:
+                    self._write_resumed = self._write_resumed or asyncio.Event()
+                    self._write_resumed.clear()
+                    await self._write_resumed.wait()
+                if self.closed or not self._inbox:
+                    break
                 message = self._inbox.popleft()
-                if self._paused and len(self._inbox) < self.MAX_QUEUED // 2 and self._pause:
-                    self._paused = False
-                    self._pause(False)
+                if len(self._inbox) < self.MAX_QUEUED // 2:
+                    self._update_reading()
                 reply, keep_open = await self.core.handle(message, self.session)
                 self._deliver(reply, keep_open)
         finally:

@@ -1,15 +1,29 @@
-"""Transport-independent request handling: auth, hello, decode, validate, run, encode.
+"""Transport-independent request handling: auth, hello, decode, validate, run, encode: the one dispatch.
 
-Every listener (HTTP, WebSocket, TCP, QUIC, in-process) turns its bytes into ``(kind, body)`` and calls
-:meth:`ServerCore.handle`; what comes back is the reply message. Nothing here touches a socket.
+Every message listener (WebSocket, TCP, QUIC, in-process) hands its messages to :meth:`ServerCore.handle`
+(or :meth:`~ServerCore.handle_now`) and gets the reply message back; every HTTP front end (the built-in
+listener, the ASGI app of a deployment) hands ``(method, path, headers, body)`` to
+:meth:`ServerCore.handle_http` and gets an :class:`HttpReply`. Another protocol (openpi's) is a
+:class:`Dialect`: its codec layout and its request/reply mapping, on the same decode-validate-run path.
+Nothing here touches a socket.
+
+Every decode step raises only pi0remote's typed errors; JPEG camera fields are size-checked from
+their header and decoded on a small pool, off the event loop; a policy's reply is checked against its
+declared action shape and dtype (and the message size limit) before it is sent, so a policy bug is a
+``policy`` error of that call and never a malformed message that breaks the client's connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from .. import __version__, codec, protocol
 from ..errors import (
@@ -20,9 +34,11 @@ from ..errors import (
     ProtocolError,
     RemotePolicyError,
     ServerError,
+    to_wire,
 )
-from ..policies import PolicyMetadata, policy_metadata, validate_obs
-from .runner import PolicyRunner
+from ..policies import PolicyMetadata, policy_metadata, validate_request
+from .limits import ConnectionGate, Limits
+from .runner import DaemonExecutor, PolicyRunner
 
 
 @dataclass
@@ -35,6 +51,43 @@ class Session:
     """Which listener the connection came through (``tcp``, ``ws``, ``http``, ``quic``, ``local``)."""
 
 
+class Dialect(Protocol):
+    """Another protocol's requests and replies on the core (openpi's: ``server/openpi_ws.py``)."""
+
+    layout: str
+    """The codec layout of its payloads (``pi0remote`` or ``openpi``)."""
+
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+        """Its request payload -> the canonical observation (validated by the core afterwards)."""
+        ...
+
+    def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
+        """The policy's canonical result -> its reply payload."""
+        ...
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+HTTP_METHODS = {"/infer": "POST", "/reset": "POST", "/metadata": "GET", "/ws": "GET"}
+"""Endpoints (besides ``/healthz``, any method) and the method each takes."""
+_ERROR_STATUS = {"auth": 401, "too_large": 413, "policy": 500, "policy_timeout": 503, "server": 500}
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of an error reply."""
+    code = exc.code if isinstance(exc, Pi0RemoteError) else "policy"
+    return _ERROR_STATUS.get(code, 400)
+
+
 class ServerCore:
     def __init__(
         self,
@@ -45,16 +98,44 @@ class ServerCore:
         max_batch: int = 1,
         batch_window_ms: float = 0.0,
         extra_metadata: dict[str, Any] | None = None,
+        limits: Limits | None = None,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.policy = policy
         self.meta: PolicyMetadata = policy_metadata(policy, name)
+        self._declares_action = _declares_action(policy)
+        if token is not None and not isinstance(token, str):
+            raise TypeError("the token must be a string")
         self.token = token
-        self.runner = PolicyRunner(policy, max_batch=max_batch, batch_window_ms=batch_window_ms)
-        self.ready = False
+        self.limits = limits or Limits()
+        self.gate = ConnectionGate(self.limits)
+        self.max_message_bytes = max_message_bytes
+        self.runner = PolicyRunner(
+            policy, max_batch=max_batch, batch_window_ms=batch_window_ms, timeout=self.limits.policy_timeout
+        )
+        self._ready = False
+        self._decode_pool: DaemonExecutor | None = None
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
         self.transports: set[Any] = set()
         """Open client connections' transports, closed when the server stops."""
+
+    @property
+    def ready(self) -> bool:
+        """True once warm and while no policy call is stuck past ``--policy-timeout`` (``/healthz``)."""
+        return self._ready and not self.runner.stuck
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = bool(value)
+
+    def health(self) -> tuple[int, str]:
+        """HTTP status and word for ``/healthz``: 200 ok, 503 starting or stuck."""
+        if not self._ready:
+            return 503, "starting"
+        if self.runner.stuck:
+            return 503, "stuck"
+        return 200, "ok"
 
     # -- metadata and auth ----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -80,14 +161,15 @@ class ServerCore:
         self.extra_metadata.update(values)
         self._metadata_cache = None
 
-    def check_token(self, presented: str | bytes | None) -> bool:
+    def check_token(self, presented: Any) -> bool:
+        """Constant-time comparison; anything but a str or bytes (an int, a map) is a wrong token."""
         if self.token is None:
             return True
-        if presented is None:
-            return False
         if isinstance(presented, str):
-            presented = presented.encode()
-        return hmac.compare_digest(presented, self.token.encode())
+            presented = presented.encode("utf-8", "surrogateescape")
+        if not isinstance(presented, (bytes, bytearray)):
+            return False
+        return hmac.compare_digest(bytes(presented), self.token.encode())
 
     def check_bearer(self, header: str | None) -> bool:
         """``Authorization: Bearer TOKEN`` as HTTP and WebSocket send it."""
@@ -98,48 +180,120 @@ class ServerCore:
         return self.check_token(header[len("Bearer ") :].strip())
 
     # -- requests -------------------------------------------------------------------------------
-    def decode_obs(self, body: bytes | bytearray | memoryview) -> dict[str, Any]:
-        obs = codec.unpackb(body)
-        if type(obs) is dict and dict in map(type, obs.values()):  # maybe {"cam_high": {"jpeg": bytes}}
-            from ..jpeg import decode_jpeg_fields
+    def unpack_obs(self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None) -> Any:
+        return codec.unpackb(body) if dialect is None else dialect.decode(body, self.meta.input_spec)
 
-            decode_jpeg_fields(obs)
-        validate_obs(obs, self.meta.input_spec)
+    def decode_obs(
+        self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
+    ) -> dict[str, Any]:
+        """Body to a validated observation, on the calling thread (JPEG fields decoded here too)."""
+        obs = self.unpack_obs(body, dialect)
+        if has_jpeg(obs):
+            self._decode_jpeg(obs)
+        validate_request(obs, self.meta)  # input spec; 'rtc' only for policies that declare it
         return obs
 
-    def _reply(self, result: Any, timing: dict[str, float], started: float, with_kind: bool) -> bytes:
-        if isinstance(result, BaseException):
-            raise result
+    async def decode_obs_async(
+        self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
+    ) -> dict[str, Any]:
+        """Like :meth:`decode_obs`, with JPEG decoding on the decode pool instead of the event loop."""
+        obs = self.unpack_obs(body, dialect)
+        if has_jpeg(obs):
+            if self._decode_pool is None:
+                self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
+            await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode_jpeg, obs)
+        validate_request(obs, self.meta)
+        return obs
+
+    def _decode_jpeg(self, obs: dict[str, Any]) -> None:
+        from ..jpeg import decode_jpeg_fields
+
+        decode_jpeg_fields(
+            obs,
+            spec=self.meta.input_spec,
+            max_pixels=self.limits.max_jpeg_pixels,
+            max_total_bytes=self.max_message_bytes,
+        )
+
+    def check_reply(self, result: Any) -> dict[str, Any]:
+        """The policy's reply, or :class:`RemotePolicyError` when it breaks the policy's own declaration."""
         if not isinstance(result, dict) or "action" not in result:
             raise RemotePolicyError(f"policy returned {type(result).__name__} without an 'action' entry")
+        action = result["action"]
+        if not isinstance(action, np.ndarray) or action.dtype.kind not in "fiub":
+            kind = f"{action.dtype} array" if isinstance(action, np.ndarray) else type(action).__name__
+            raise RemotePolicyError(f"policy returned an action of {kind}, not a numeric array")
+        want_dtype = self.meta.extra.get("action_dtype")
+        if want_dtype is not None and action.dtype != np.dtype(want_dtype):
+            raise RemotePolicyError(f"policy returned a {action.dtype} action; it declares {want_dtype}")
+        if self._declares_action and action.shape != tuple(self.meta.action_shape):
+            raise RemotePolicyError(
+                f"policy returned an action of shape {list(action.shape)}; "
+                f"it declares {list(self.meta.action_shape)}"
+            )
+        return result
+
+    def _reply(
+        self, result: Any, timing: dict[str, float], started: float, with_kind: bool, dialect: Dialect | None
+    ) -> bytes:
+        if isinstance(result, BaseException):
+            raise result
+        result = self.check_reply(result)
+        if dialect is not None:
+            return dialect.encode(result, timing, started)
         reply = dict(result)
         policy_timing = reply.pop("policy_timing", None)
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
-        return protocol.encode_result(reply, timing, started, with_kind=with_kind)
+        try:
+            message = protocol.encode_result(reply, timing, started, with_kind=with_kind)
+        except CodecError as exc:
+            raise RemotePolicyError(f"policy reply cannot be sent: {exc}") from exc
+        if len(message) > self.max_message_bytes:
+            raise RemotePolicyError(
+                f"policy reply of {len(message)} bytes exceeds the message limit of {self.max_message_bytes}"
+            )
+        return message
 
     async def infer(
-        self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, client: Any = None
+        self,
+        body: bytes | bytearray | memoryview,
+        *,
+        with_kind: bool = True,
+        client: Any = None,
+        dialect: Dialect | None = None,
     ) -> bytes:
         """INFER body in, RESULT message out (raises a Pi0RemoteError for the caller to encode).
 
-        ``client`` identifies the connection for batching (see :class:`PolicyRunner`).
+        ``client`` identifies the connection for batching (see :class:`PolicyRunner`); with ``dialect`` the
+        body and the reply are in that protocol's shape instead.
         """
         started = time.perf_counter()
-        obs = self.decode_obs(body)
+        obs = await self.decode_obs_async(body, dialect)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
-        return self._reply(result, timing, started, with_kind)
+        return self._reply(result, timing, started, with_kind, dialect)
 
-    def infer_sync(self, body: bytes | bytearray | memoryview, *, with_kind: bool = True) -> bytes:
+    def infer_sync(
+        self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, dialect: Dialect | None = None
+    ) -> bytes:
         started = time.perf_counter()
-        obs = self.decode_obs(body)
+        return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
+
+    def _infer_unpacked(self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None) -> bytes:
+        if has_jpeg(obs):
+            self._decode_jpeg(obs)
+        validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = self.runner.run_sync(obs)
         timing["decode_ms"] = decode_ms
-        return self._reply(result, timing, started, with_kind)
+        return self._reply(result, timing, started, with_kind, dialect)
+
+    def can_answer_now(self) -> bool:
+        """True when an inference would run inline at once (an idle inline policy): no task needed."""
+        return self.runner.can_run_now()
 
     def hello(self, body: Any, session: Session) -> bytes:
         if not isinstance(body, dict):
@@ -169,7 +323,11 @@ class ServerCore:
             if kind == protocol.INFER:
                 if not (blocking or self.runner.can_run_now()):
                     return None
-                return self.infer_sync(body), True
+                started = time.perf_counter()
+                obs = self.unpack_obs(body)
+                if has_jpeg(obs) and not blocking:
+                    return None  # decoded off the event loop by handle()
+                return self._infer_unpacked(obs, started, True), True
             if kind == protocol.RESET:
                 if not (blocking or self.runner.inline):
                     return None
@@ -197,6 +355,49 @@ class ServerCore:
         except Exception as exc:
             return self.error_message(exc), True
 
+    # -- HTTP -----------------------------------------------------------------------------------------
+    async def handle_http(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, client: Any = None
+    ) -> HttpReply:
+        """One HTTP request (header names lower-case, body already bounded) -> the reply. Never raises.
+
+        ``POST /infer`` and ``POST /reset`` carry msgpack bodies; ``GET /metadata`` (JSON when asked);
+        ``/healthz`` (no token; 503 while warming up); typed errors as msgpack, or JSON when the client
+        accepts JSON. ``client`` identifies the connection for batching.
+        """
+        wants_json = JSON in headers.get("accept", "")
+        if path == "/healthz":
+            status, word = self.health()
+            return HttpReply(status, JSON, json.dumps({"status": word}).encode())
+        expected = HTTP_METHODS.get(path)
+        if expected is None:
+            return self.http_error(404, ProtocolError(f"no endpoint {path}"), wants_json)
+        if not self.check_bearer(headers.get("authorization")):
+            return self.http_error(401, AuthenticationError("missing or wrong token"), wants_json)
+        if method != expected:
+            return self.http_error(405, ProtocolError(f"{path} takes {expected}"), wants_json)
+        if path == "/metadata":
+            if wants_json:
+                return HttpReply(200, JSON, json.dumps(self.metadata()).encode())
+            return HttpReply(200, MSGPACK, self.metadata_body())
+        if path == "/ws":
+            return self.http_error(400, ProtocolError("/ws needs a WebSocket upgrade"), wants_json)
+        try:
+            if path == "/infer":
+                return HttpReply(200, MSGPACK, await self.infer(body, with_kind=False, client=client))
+            await self.runner.areset()
+            return HttpReply(200, MSGPACK, codec.packb({}))
+        except Exception as exc:
+            return self.http_error(status_for(exc), exc, wants_json)
+
+    def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
+        if not isinstance(exc, Pi0RemoteError):
+            exc = RemotePolicyError(f"{type(exc).__name__}: {exc}")
+        body = to_wire(exc)
+        if wants_json:
+            return HttpReply(status, JSON, json.dumps(body).encode())
+        return HttpReply(status, MSGPACK, codec.packb(body))
+
     def error_message(self, exc: BaseException) -> bytes:
         if not isinstance(exc, Exception):
             raise exc
@@ -208,4 +409,14 @@ class ServerCore:
             return protocol.encode_error(ServerError("error message could not be encoded"))
 
 
-__all__ = ["InvalidInputError", "ServerCore", "Session"]
+def _declares_action(policy: Any) -> bool:
+    """True when the policy states its action shape (its metadata), so replies are checked against it."""
+    meta = getattr(policy, "metadata", None)
+    return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def has_jpeg(obs: Any) -> bool:
+    return type(obs) is dict and dict in map(type, obs.values())  # maybe {"cam_high": {"jpeg": bytes}}
+
+
+__all__ = ["Dialect", "HttpReply", "InvalidInputError", "ServerCore", "Session", "status_for"]

@@ -22,7 +22,9 @@ Auth: when the server has a token, the upgrade request must carry it as ``Author
 refused with HTTP 401.
 
 The WebSocket side is the ``websockets`` package's sans-I/O ``ServerProtocol`` driven by a plain asyncio
-protocol, like the ``/ws`` endpoint of :mod:`pi0remote.server.http`.
+protocol, like the ``/ws`` endpoint of :mod:`pi0remote.server.http`. Requests run through the core's own
+decode-validate-run path with :class:`OpenpiDialect` (codec layout ``openpi`` + openpi's observation and
+reply mapping); this module never drives the policy runner itself.
 """
 
 from __future__ import annotations
@@ -34,12 +36,10 @@ import traceback
 from collections import deque
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
-from ..policies import validate_obs
 from .connection import set_nodelay
 from .core import ServerCore
 
@@ -54,58 +54,15 @@ ERROR_PREFIX = "pi0remote "
 """Error text frames read ``pi0remote CODE error: MESSAGE`` (then a traceback with ``--debug``)."""
 
 
-# -- openpi's msgpack layout ------------------------------------------------------------------------------
-def _openpi_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in codec.ALLOWED_KINDS:
-            raise CodecError(
-                f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
-            )
-        if not obj.flags.c_contiguous:
-            obj = np.ascontiguousarray(obj)
-        data = memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes()
-        return {b"__ndarray__": True, b"data": data, b"dtype": obj.dtype.str, b"shape": obj.shape}
-    if isinstance(obj, np.generic):
-        if obj.dtype.kind not in codec.ALLOWED_KINDS:
-            raise CodecError(f"cannot send numpy scalars of dtype {obj.dtype}")
-        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    raise CodecError(f"cannot encode objects of type {type(obj).__name__}")
-
-
+# -- openpi's msgpack layout: the codec's ``layout="openpi"`` -------------------------------------------------
 def openpi_packb(obj: Any) -> bytes:
     """msgpack in openpi's layout: arrays as ``__ndarray__`` maps, numpy scalars as ``__npgeneric__``."""
-    try:
-        return msgpack.packb(obj, default=_openpi_default, use_bin_type=True)
-    except CodecError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"cannot encode payload: {exc}") from exc
-
-
-def _openpi_hook(obj: dict) -> Any:
-    # openpi writes a numpy scalar's value as a plain msgpack number (``item()``), not as bytes.
-    if obj.get(b"__npgeneric__") is True and not isinstance(obj.get(b"data"), (bytes, bytearray, memoryview)):
-        value = obj.get(b"data")
-        dtype = codec._checked_dtype(obj.get(b"dtype"))
-        if not isinstance(value, (bool, int, float)):
-            raise CodecError(f"bad numpy scalar value {value!r:.40}")
-        try:
-            return dtype.type(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
-    return codec._decode_hook(obj)
+    return codec.packb(obj, layout="openpi")
 
 
 def openpi_unpackb(data: bytes | bytearray | memoryview) -> Any:
     """Decode openpi's layout (and pi0remote's own): arrays come back as read-only views, never pickles."""
-    try:
-        return msgpack.unpackb(data, object_hook=_openpi_hook, raw=False)
-    except CodecError:
-        raise
-    except (msgpack.UnpackException, ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
-        raise CodecError(f"malformed msgpack payload: {exc}") from exc
+    return codec.unpackb(data)
 
 
 # -- observation and reply mapping -------------------------------------------------------------------------
@@ -135,8 +92,10 @@ def from_openpi_obs(obs: Any, input_spec: dict[str, Any] | None = None) -> dict[
         if isinstance(value, list):
             try:
                 value = out[key] = np.asarray(value, dtype=spec.dtype)
-            except (TypeError, ValueError):
-                continue  # validation names the problem
+            except (TypeError, ValueError, OverflowError) as exc:  # e.g. an image value above 255
+                raise InvalidInputError(
+                    f"{key!r}: cannot be read as {spec.dtype} {list(spec.shape)}: {exc}"
+                ) from None
         if not isinstance(value, np.ndarray) or value.dtype == np.dtype(spec.dtype):
             continue
         want = np.dtype(spec.dtype)
@@ -168,7 +127,30 @@ def openpi_reply(
     s_timing.update(timing)
     s_timing["total_ms"] = (time.perf_counter() - started) * 1000.0
     out = {"actions": actions, **reply, "policy_timing": p_timing, "server_timing": s_timing}
-    return openpi_packb(out)
+    return codec.packb(out, layout="openpi")
+
+
+class OpenpiDialect:
+    """openpi's protocol on the core (:class:`~pi0remote.server.core.Dialect`): its codec layout and
+    its observation / reply mapping. One per connection: a reply reports the previous one's total time."""
+
+    layout = "openpi"
+
+    def __init__(self) -> None:
+        self.prev_total_ms: float | None = None
+        self._started: float | None = None
+
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+        return from_openpi_obs(codec.unpackb(body), input_spec)
+
+    def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
+        self._started = started
+        return openpi_reply(result, timing, started, self.prev_total_ms)
+
+    def sent(self) -> None:
+        """The reply went out: its total time is reported with the next one (as openpi's server does)."""
+        if self._started is not None:
+            self.prev_total_ms = (time.perf_counter() - self._started) * 1000.0
 
 
 def error_text(exc: BaseException, debug: bool) -> str:
@@ -216,7 +198,7 @@ class OpenpiConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
-        self._prev_total_ms: float | None = None
+        self.dialect = OpenpiDialect()
 
     # -- transport callbacks --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -297,10 +279,11 @@ class OpenpiConnection(asyncio.Protocol):
             return
         self.open = True
         try:
-            metadata = openpi_packb(self.core.metadata())
+            metadata = codec.packb(self.core.metadata(), layout="openpi")
         except CodecError:
-            metadata = openpi_packb(
-                {k: v for k, v in self.core.metadata().items() if k in ("protocol", "server")}
+            metadata = codec.packb(
+                {k: v for k, v in self.core.metadata().items() if k in ("protocol", "server")},
+                layout="openpi",
             )
         self.proto.send_binary(metadata)
         self._set_timer(PING_INTERVAL, self._keepalive)
@@ -342,13 +325,10 @@ class OpenpiConnection(asyncio.Protocol):
     def _message(self, binary: bool, data: bytes) -> None:
         if self.closed or not self.open:
             return
-        if self._task is None and not self._inbox and self.core.runner.can_run_now():
+        if self._task is None and not self._inbox and self.core.can_answer_now():
             # An idle inline policy: answer on the spot, no task.
-            started = time.perf_counter()
             try:
-                obs, decode_ms = self._decode(binary, data, started)
-                result, timing = self.core.runner.run_sync(obs)
-                self._reply(result, timing, decode_ms, started)
+                self._send_reply(self.core.infer_sync(self._payload(binary, data), dialect=self.dialect))
             except Exception as exc:
                 self._error(exc)
             return
@@ -360,35 +340,28 @@ class OpenpiConnection(asyncio.Protocol):
         try:
             while self._inbox and not self.closed:
                 binary, data = self._inbox.popleft()
-                started = time.perf_counter()
                 try:
-                    obs, decode_ms = self._decode(binary, data, started)
-                    result, timing = await self.core.runner.submit(obs, id(self))
-                    self._reply(result, timing, decode_ms, started)
+                    payload = self._payload(binary, data)
+                    self._send_reply(await self.core.infer(payload, client=id(self), dialect=self.dialect))
                 except Exception as exc:
                     self._error(exc)
         finally:
             self._task = None
 
-    def _decode(self, binary: bool, data: bytes, started: float) -> tuple[dict[str, Any], float]:
+    @staticmethod
+    def _payload(binary: bool, data: bytes) -> bytes:
         if not binary:
             raise ProtocolError(
                 "expected a binary message (an observation in openpi's msgpack layout), got text"
             )
-        obs = from_openpi_obs(openpi_unpackb(data), self.core.meta.input_spec)
-        validate_obs(obs, self.core.meta.input_spec)
-        return obs, (time.perf_counter() - started) * 1000.0
+        return data
 
-    def _reply(self, result: Any, timing: dict[str, float], decode_ms: float, started: float) -> None:
-        if isinstance(result, BaseException):
-            raise result
-        timing["decode_ms"] = decode_ms
-        message = openpi_reply(result, timing, started, self._prev_total_ms)
+    def _send_reply(self, message: bytes) -> None:
         if self.closed:
             return
         self.proto.send_binary(message)
         self._flush()
-        self._prev_total_ms = (time.perf_counter() - started) * 1000.0
+        self.dialect.sent()
 
     def _error(self, exc: Exception) -> None:
         if self.closed:
@@ -429,6 +402,7 @@ class OpenpiListener:
         self.debug = debug
         self.connections: set[OpenpiConnection] = set()
         self.server: asyncio.AbstractServer | None = None
+        self.urls: list[str] = []
 
     def protocol(self) -> OpenpiConnection:
         return OpenpiConnection(self)
@@ -449,24 +423,23 @@ class OpenpiListener:
                 pass
 
 
-async def start_openpi_listener(server: Any) -> list[str]:
-    """Open the openpi-compatible listener of ``server`` (a PolicyServer) on ``server.openpi_port``."""
-    from . import _host_for_url
-
-    listener = OpenpiListener(server.core, debug=server.debug, **server.listener_kwargs())
+async def start(core: ServerCore, options: Any) -> OpenpiListener:
+    """The ``openpi://`` listener (:mod:`pi0remote.server.listener` protocol)."""
+    listener = OpenpiListener(core, debug=options.debug, **options.listener_kwargs())
     loop = asyncio.get_running_loop()
-    listener.server = await loop.create_server(listener.protocol, server.host, server.openpi_port)
-    server.add_closer(listener.close)
+    listener.server = await loop.create_server(listener.protocol, options.host, options.port)
     port = listener.server.sockets[0].getsockname()[1]
-    return [f"openpi://{_host_for_url(server.host)}:{port}"]
+    listener.urls.append(f"openpi://{options.url_host}:{port}")
+    return listener
 
 
 __all__ = [
+    "OpenpiDialect",
     "OpenpiListener",
     "error_text",
     "from_openpi_obs",
     "openpi_packb",
     "openpi_reply",
     "openpi_unpackb",
-    "start_openpi_listener",
+    "start",
 ]

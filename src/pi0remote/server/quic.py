@@ -414,7 +414,7 @@ def _bind_udp(host: str, port: int, buffer_bytes: int) -> tuple[socket.socket, i
 
 
 async def start_quic_listeners(server: Any) -> list[str]:
-    """Open the ``quic`` (UDP) and/or ``quic+tcp`` listeners of ``server`` on ``server.quic_port``."""
+    """Open the ``quic`` (UDP) and/or ``quic+tcp`` listeners of ``server`` (a :class:`QuicListeners`)."""
     from . import _host_for_url
 
     loop = asyncio.get_running_loop()
@@ -489,4 +489,42 @@ async def start_quic_listeners(server: Any) -> list[str]:
     return urls
 
 
-__all__ = ["QuicPeer", "TcpQuicProtocol", "UdpQuicListener", "start_quic_listeners"]
+class QuicListeners:
+    """The ``quic`` / ``quic+tcp`` listeners of one server (:mod:`pi0remote.server.listener` protocol).
+
+    It carries the settings :func:`start_quic_listeners` reads and records what that function opens
+    (``quic_listener``, ``quic_tcp_connections``, ``quic_udp_buffer``).
+    """
+
+    def __init__(self, core: Any, options: Any) -> None:
+        self.core = core
+        self.options = options
+        self.host, self.quic_port = options.host, options.port
+        self.transports, self.quic_options = options.transports, options.quic_options
+        self.cert, self.key, self.idle_timeout = options.cert, options.key, options.idle_timeout
+        self.urls: list[str] = []
+        self.quic_listener: UdpQuicListener | None = None
+        self.quic_tcp_connections: set[Any] = set()
+        self.quic_udp_buffer: int | None = None
+        self._closers: list[Any] = []
+
+    def listener_kwargs(self) -> dict[str, Any]:
+        return self.options.listener_kwargs()
+
+    def add_closer(self, closer: Any) -> None:
+        self._closers.append(closer)
+
+    async def close(self) -> None:
+        for closer in self._closers:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+async def start(core: Any, options: Any) -> QuicListeners:
+    listeners = QuicListeners(core, options)
+    listeners.urls = await start_quic_listeners(listeners)
+    return listeners
+
+
+__all__ = ["QuicListeners", "QuicPeer", "TcpQuicProtocol", "UdpQuicListener", "start", "start_quic_listeners"]

@@ -10,20 +10,71 @@ moment after their last reply, so when fewer requests are waiting than clients w
 the runner waits up to ``batch_window_ms`` for the rest of the wave (and not a moment longer once they
 are all in). A lone client is never delayed: with one active client there is nobody to wait for.
 When a batch call raises, its requests are retried one by one so that only the bad one fails.
+
+Isolation: the policy thread is a daemon (a stuck policy never holds the process at exit); anything a
+policy raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is an error of that call; with a
+``timeout`` a call that runs longer answers its clients with :class:`~pi0remote.errors.PolicyTimeout`
+and the runner reports :attr:`PolicyRunner.stuck` (``/healthz`` says 503) until the call returns;
+requests that arrive meanwhile fail at once with the same error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import PolicyTimeout, RemotePolicyError
+
 ACTIVE_CLIENT_S = 1.0
 """A client that sent a request within this many seconds counts as active (it will likely send again)."""
+
+
+class DaemonExecutor(Executor):
+    """A fixed pool of daemon threads: unlike ``ThreadPoolExecutor`` it never delays interpreter exit."""
+
+    def __init__(self, workers: int = 1, name: str = "pi0remote-policy") -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: B036 - reported to the caller, never raised here
+                future.set_exception(_as_call_error(exc))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+
+def _as_call_error(exc: BaseException) -> Exception:
+    """``SystemExit`` / ``KeyboardInterrupt`` from a policy become an error of that call."""
+    if isinstance(exc, Exception):
+        return exc
+    return RemotePolicyError(f"policy raised {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -34,13 +85,18 @@ class _Job:
 
 
 class PolicyRunner:
-    def __init__(self, policy: Any, *, max_batch: int = 1, batch_window_ms: float = 0.0) -> None:
+    def __init__(
+        self, policy: Any, *, max_batch: int = 1, batch_window_ms: float = 0.0, timeout: float | None = None
+    ) -> None:
         self.policy = policy
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.stuck_since: float | None = None
+        """``perf_counter()`` when the running call passed its deadline; None while healthy."""
         self.max_batch = max(1, int(max_batch)) if hasattr(policy, "infer_batch") else 1
         self.batch_window_s = max(0.0, batch_window_ms) / 1000.0
         self.inline = bool(getattr(policy, "inline", False))
         self._pending: deque[_Job] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0remote-policy")
+        self._executor = DaemonExecutor(1)
         self._busy = False
         self._lock = threading.Lock()  # reset() from another thread must not interleave with infer
         self.calls = 0
@@ -57,8 +113,8 @@ class PolicyRunner:
         try:
             with self._lock:
                 result: dict[str, Any] | BaseException = self.policy.infer(obs)
-        except Exception as exc:  # the policy's failure is the client's error, not the server's
-            result = exc
+        except BaseException as exc:  # noqa: B036 - the policy's failure is this call's error, not the server's
+            result = _as_call_error(exc)
         return result, (time.perf_counter() - t0) * 1000.0
 
     def _call_batch(self, batch: list[dict[str, Any]]) -> tuple[list[Any], float]:
@@ -68,7 +124,7 @@ class PolicyRunner:
                 results: list[Any] = list(self.policy.infer_batch(batch))
             if len(results) != len(batch):
                 raise RuntimeError(f"infer_batch returned {len(results)} results for {len(batch)} requests")
-        except Exception:
+        except BaseException:  # noqa: B036 - retried one by one: only the bad request fails
             results = [self._call_one(obs)[0] for obs in batch]
         return results, (time.perf_counter() - t0) * 1000.0
 
@@ -80,12 +136,33 @@ class PolicyRunner:
     def reset(self) -> None:
         reset = getattr(self.policy, "reset", None)
         if reset is not None:
-            with self._lock:
-                reset()
+            try:
+                with self._lock:
+                    reset()
+            except BaseException as exc:  # noqa: B036 - SystemExit from a policy is that call's error
+                raise _as_call_error(exc) from exc
 
     async def areset(self) -> None:
         """Reset on the policy thread, so a long inference never blocks the event loop."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.reset)
+        self._raise_if_stuck()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self.reset)
+        if self.timeout is None:
+            await future
+            return
+        done, _ = await asyncio.wait({future}, timeout=self.timeout)
+        if not done:
+            raise PolicyTimeout(f"policy reset did not return within {self.timeout:g} s")
+        future.result()
+
+    @property
+    def stuck(self) -> bool:
+        """True while a policy call runs past its deadline (the server reports itself unhealthy)."""
+        return self.stuck_since is not None
+
+    def _raise_if_stuck(self) -> None:
+        if self.stuck_since is not None:
+            waited = time.perf_counter() - self.stuck_since + (self.timeout or 0.0)
+            raise PolicyTimeout(f"the policy is stuck in a call that started {waited:.1f} s ago")
 
     def can_run_now(self) -> bool:
         """True when an inline policy is idle, so a request may run on the caller's thread at once."""
@@ -101,6 +178,7 @@ class PolicyRunner:
         """
         if self.can_run_now():
             return self.run_sync(obs)
+        self._raise_if_stuck()
         loop = asyncio.get_running_loop()
         job = _Job(obs, loop.create_future())
         self._pending.append(job)
@@ -138,22 +216,13 @@ class PolicyRunner:
                 return
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 if self.max_batch > 1 and self.batch_window_s:
                     await self._gather_wave()
                 jobs = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
                 started = time.perf_counter()
-                if len(jobs) == 1:
-                    result, policy_ms = await loop.run_in_executor(
-                        self._executor, self._call_one, jobs[0].obs
-                    )
-                    results = [result]
-                else:
-                    results, policy_ms = await loop.run_in_executor(
-                        self._executor, self._call_batch, [j.obs for j in jobs]
-                    )
+                results, policy_ms = await self._run_jobs(jobs)
                 self.batches += 1
                 self.calls += len(jobs)
                 for job, res in zip(jobs, results, strict=True):
@@ -166,3 +235,31 @@ class PolicyRunner:
                         job.future.set_result((res, timing))
         finally:
             self._busy = False
+
+    async def _run_jobs(self, jobs: list[_Job]) -> tuple[list[Any], float]:
+        """Run one call on the policy thread; past the deadline, answer its clients and wait it out."""
+        loop = asyncio.get_running_loop()
+        if len(jobs) == 1:
+            call: Any = loop.run_in_executor(self._executor, self._call_one, jobs[0].obs)
+        else:
+            call = loop.run_in_executor(self._executor, self._call_batch, [j.obs for j in jobs])
+        if self.timeout is not None:
+            done, _ = await asyncio.wait({call}, timeout=self.timeout)
+            if not done:
+                self._stuck(jobs)
+                try:
+                    await call
+                finally:
+                    self.stuck_since = None
+                return [None] * len(jobs), self.timeout * 1000.0
+        result, policy_ms = await call
+        return ([result] if len(jobs) == 1 else result), policy_ms
+
+    def _stuck(self, jobs: list[_Job]) -> None:
+        self.stuck_since = time.perf_counter()
+        error = PolicyTimeout(f"the policy did not answer within {self.timeout:g} s")
+        waiting = list(jobs) + list(self._pending)
+        self._pending.clear()
+        for job in waiting:
+            if not job.future.done():
+                job.future.set_result((error, {"queue_ms": 0.0, "policy_ms": 0.0, "batch_size": len(jobs)}))
