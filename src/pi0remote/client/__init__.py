@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidURL, MissingDependency, UnknownScheme
 from .base import AsyncPolicyClient, AsyncTransport, PolicyClient, Transport
-from .session import AsyncBytePump, BytePump, ClientOptions, check_options
+from .session import AsyncBytePump, BytePump, TransportOptions, check_options
 
 # scheme -> (module, sync pump class, async pump class); imported on first use.
 SCHEMES: dict[str, tuple[str, str, str]] = {
@@ -94,7 +94,7 @@ def _make_pump(url: str | None, policy: Any, options: dict[str, Any], which: int
     url, kwargs = _resolve(url, policy, options)
     cls = _pump_class(url, which)
     check_options(_scheme(url), cls.OPTIONS, kwargs)
-    opts = ClientOptions(url, **kwargs)
+    opts = TransportOptions(url, **kwargs)
     if opts.tune_malloc or (opts.tune_malloc is None and os.environ.get(TUNE_MALLOC_ENV) == "1"):
         from .._malloc import tune_malloc
 

@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines"
     )
     g = p.add_argument_group("embedded server (without --url)")
-    g.add_argument("--policy", default="zeros", help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...")
+    g.add_argument(
+        "--policy",
+        default="zeros",
+        type=cli.policy_name,
+        help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...",
+    )
     g.add_argument("--max-batch", type=int, default=1, help="dynamic batching up to this size")
     g.add_argument(
         "--batch-window-ms", type=float, default=None,
