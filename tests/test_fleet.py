@@ -336,6 +336,29 @@ def test_client_moves_when_its_container_stops_heartbeating() -> None:
         b.close()
 
 
+def test_a_draining_container_loses_its_robots_without_a_failed_call() -> None:
+    """Scale-down: the exit handler unpublishes, the robots' watchers move them, then the server closes."""
+    import threading
+
+    store: dict[str, Any] = {}
+    a, b = start(store, "ta-a"), start(store, "ta-b")
+    try:
+        with connect(
+            "modal://pi0remote/tcp?watch_s=0.05&rebalance=0", modal_store=store, token=TOKEN
+        ) as client:
+            victim = a if client.container_id == a.container_id else b
+            closer = threading.Thread(target=victim.close, kwargs={"drain_s": 5.0})
+            t0 = time.monotonic()
+            closer.start()
+            while closer.is_alive():
+                client.infer(make_obs(0))  # never raises: the move happens between calls
+            assert time.monotonic() - t0 < 4.0  # the robot left, so the drain ended early
+            assert client.container_id != victim.container_id and client.failovers == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_every_container_gone_is_a_typed_error_within_the_bound() -> None:
     store: dict[str, Any] = {}
     a = start(store, "ta-a")
