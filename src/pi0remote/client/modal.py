@@ -1,22 +1,24 @@
-"""``modal://APP/TRANSPORT``: find a pi0remote deployment on Modal and return the URL to connect to.
-
-``connect("modal://pi0remote/tcp")`` resolves here, then connects with the ordinary client of that transport:
+"""``modal://APP/TRANSPORT``: find a pi0remote deployment on Modal, choose a container, keep the robot served.
 
 ==============================  ==========================================================================
-``modal://APP/tcp``             the newest live container's raw TCP portal, ``tcp://host:port``
+``modal://APP/tcp``             a live, ready container's raw TCP portal, ``tcp://host:port``
 ``modal://APP/quic+tcp``        its QUIC-over-TCP portal, ``quic+tcp://host:port`` plus ``quic_fingerprint``
 ``modal://APP/ws``              the web endpoint's WebSocket, ``wss://…modal.run/ws``
 ``modal://APP/http``            the web endpoint, ``https://…modal.run``
 ==============================  ==========================================================================
 
-Portals come from the ``modal.Dict`` named ``APP-endpoints`` where each container publishes its entry
-(``pi0remote.deploy``) and refreshes a heartbeat every ``heartbeat_s`` seconds. An entry is *live* while its
-heartbeat is younger than ``max_age`` seconds (default 60, four missed heartbeats; ``?max_age=S`` or
-``PI0REMOTE_PORTAL_MAX_AGE_S``); among live entries the most recently started container wins. The web URL
-comes from the deployed class's ASGI method through the Modal SDK.
+Portals come from the ``modal.Dict`` named ``APP-endpoints`` where each container publishes its entry and load
+(``pi0remote.deploy``) with a heartbeat. An entry is *live* while its heartbeat is younger than ``max_age``
+seconds (default 60; ``?max_age=S`` or ``PI0REMOTE_PORTAL_MAX_AGE_S``). Among live, ready entries the power of
+two choices on robots per capacity picks one (:func:`choose_entry`); ``?pin=ID`` takes that container only.
+For the portals, ``connect()`` returns a :class:`FailoverClient` (``aconnect()``: :class:`AsyncFailoverClient`):
+the ordinary client of the chosen container, re-resolved when that container goes away
+(``?failover_s=``, default 10; ``0``: a plain client) and moved to even the fleet out (:func:`rebalance_target`,
+``?rebalance=0`` to stay); its watcher reads the Dict every ``?watch_s=`` (default 1). The web URL comes from
+the deployed class's ASGI method through the Modal SDK (Modal routes those requests itself).
 
-Query options: ``?environment=NAME`` (Modal environment), ``?max_age=SECONDS``. The token defaults to
-``$PI0REMOTE_TOKEN``. Tests pass ``modal_store=`` (any mapping) instead of the Modal Dict.
+Other options: ``?environment=NAME`` (Modal environment). The token defaults to ``$PI0REMOTE_TOKEN``. Tests
+pass ``modal_store=`` (any mapping) instead of the Modal Dict.
 """
 
 from __future__ import annotations
