@@ -43,7 +43,7 @@ PORT_FLAG = {
     "quic+tcp": "quic_port",
 }
 DEFAULT_PORTS = {"http_port": 8000, "tcp_port": 8765, "quic_port": 4433}
-POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights")
+POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights", "exact")
 """Flags (dests) handed to the policy factory when the user set them: a new one is one line here."""
 
 
@@ -66,6 +66,11 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="pi0: openpi training config name (default pi0_aloha_sim)")
     g.add_argument("--checkpoint", default=None, help="pi0: checkpoint directory or gs:// URL")
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
+    g.add_argument(
+        "--exact",
+        action="store_true",
+        help="pi0: openpi's own Policy.infer steps (bit-identical actions) instead of the fast path",
+    )
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
     g = p.add_argument_group("real-time chunking (flow policies: pi0, flow; docs/rtc.md)")

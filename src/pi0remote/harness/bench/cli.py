@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-charts", dest="charts", action="store_false", help="skip charts/latency_breakdown.png"
     )
+    from ..fleet import add_fleet_args
+
+    add_fleet_args(p)
 
 
 @dataclass
@@ -74,7 +77,11 @@ class BenchCommand:
     quiet: bool = False
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> BenchCommand:
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Any:
+    if getattr(args, "fleet", 0):  # --fleet K: harness/fleet.py
+        from ..fleet import fleet_command
+
+        return fleet_command(args, parser)
     transports = args.transport if isinstance(args.transport, list) else [args.transport]
     bench = BenchConfig(
         urls=list(args.url or []),
@@ -113,7 +120,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return run_clients(cfg, log) if cfg.clients > 0 else run_latency(cfg, log)
 
 
-def execute(cmd: BenchCommand) -> int:
+def execute(cmd: Any) -> int:
+    if not isinstance(cmd, BenchCommand):  # --fleet K
+        return cmd.execute()
     from .report import (
         describe_config,
         jsonable,
