@@ -132,10 +132,11 @@ def rtc_options(args: argparse.Namespace) -> dict[str, Any]:
     """``rtc_beta`` and ``rtc_schedule`` for a flow policy's factory (checked here)."""
     from .rtc import DEFAULT_BETA, DEFAULT_SCHEDULE, check_beta
 
-    if args.policy not in RTC_POLICIES and ":" not in args.policy:
+    builtin = args.policy in RTC_POLICIES or args.policy.startswith("flow:")  # flow:WEIGHTS.npz
+    if not builtin and ":" not in args.policy:
         return {}
     out = {"rtc_beta": args.rtc_beta, "rtc_schedule": args.rtc_schedule}
-    if args.policy in RTC_POLICIES:
+    if builtin:
         out["rtc_beta"] = DEFAULT_BETA if args.rtc_beta is None else args.rtc_beta
         out["rtc_schedule"] = args.rtc_schedule or DEFAULT_SCHEDULE
     out = {k: v for k, v in out.items() if v is not None}
