@@ -110,16 +110,12 @@ def test_guided_prefix_approaches_target_tail_untouched(toy):
 def test_larger_beta_matches_tighter(toy):
     velocity, _, eps, target = toy
     errs = []
+    fn = jax.jit(
+        lambda b: rtc.guided_sample(velocity, eps, num_steps=10, prefix=target, prefix_len=jnp.full(3, H),
+                                    delay_steps=jnp.full(3, 4), beta=b)
+    )  # fmt: skip
     for beta in (1.0, 5.0, 20.0):
-        out = rtc.guided_sample(
-            velocity,
-            eps,
-            num_steps=10,
-            prefix=target,
-            prefix_len=jnp.full(3, H),
-            delay_steps=jnp.full(3, 4),
-            beta=beta,
-        )
+        out = fn(beta)  # beta is traced: one compilation
         errs.append(float(jnp.abs(out[:, :4] - target[:, :4]).max()))
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 0.05
@@ -224,7 +220,7 @@ def rtc_field(prefix, d):
     return {"prefix": np.asarray(prefix, np.float32), "delay_steps": d}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "local"])
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http", "local"])
 def test_policy_without_rtc_refuses_the_field_and_keeps_serving(probe_server, transport):
     from conftest import connect_to, make_obs
 
@@ -418,7 +414,7 @@ def test_cli_accepts_the_rtc_strategies():
     parser = build_parser()
     args = [
         "--policy",
-        "flow",
+        "expert",
         "--sweep-latency",
         "0,300",
         "--exec",
@@ -426,15 +422,13 @@ def test_cli_accepts_the_rtc_strategies():
     ]
     assert latency_options(parser, parser.parse_args(args))["strategies"][-1] == "rtc"
     single = latency_options(
-        parser, parser.parse_args(["--policy", "flow", "--latency", "300ms", "--exec", "rtc"])
+        parser, parser.parse_args(["--policy", "expert", "--latency", "300ms", "--exec", "rtc"])
     )
     assert (single["strategy"], single["clock"]) == ("rtc", "realtime")
-    assert split_strategy("async-linear") == ("async", "linear") and split_strategy("rtc") == (
-        "rtc",
-        "latest",
-    )
+    assert split_strategy("async-linear") == ("async", "linear")
+    assert split_strategy("rtc") == ("rtc", "latest")
     with pytest.raises(SystemExit):
-        latency_options(parser, parser.parse_args(["--policy", "flow", "--exec", "rtc-linear"]))
+        latency_options(parser, parser.parse_args(["--policy", "expert", "--exec", "rtc-linear"]))
 
 
 def test_sweep_rtc_against_async_on_the_toy_flow_policy(tmp_path):

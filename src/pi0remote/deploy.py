@@ -20,9 +20,12 @@ Entry published per container (``store[container_id]``)::
 
     {"container_id": "ta-…", "started_at": 1.7e9, "heartbeat": 1.7e9, "heartbeat_s": 15.0,
      "portals": {"tcp": "r7.modal.host:41234", "quic+tcp": "r7.modal.host:40001"},
-     "quic_fingerprint": "ab12…" | None, "policy": "pi0", "region": "us-east" | None, "version": "0.1.0"}
+     "quic_fingerprint": "ab12…" | None, "policy": "pi0", "region": "us-east" | None, "version": "0.1.0",
+     "load": {"robots": 3, "calls_per_s": 31.5, "mean_batch": 2.9, "queue_wait_p50_ms": 4.1,
+              "capacity": 8, "ready": True}}
 
-Clients (``pi0remote.client.modal``) take the newest entry whose heartbeat is fresh.
+``load`` is rewritten with every heartbeat, and at once (at most every ``LOAD_PUBLISH_MIN_S``) when a robot
+connects or leaves. Clients (``pi0remote.client.modal``) choose among live, ready entries by load.
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ logger = logging.getLogger("pi0remote.deploy")
 PORTAL_TRANSPORTS = ("tcp", "quic+tcp")
 """Raw transports a deployment can expose through TCP port forwarding (QUIC over UDP cannot be forwarded)."""
 
-DEFAULT_HEARTBEAT_S = 15.0
+DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 60.0
 """Clients ignore entries whose heartbeat is older than this (four missed heartbeats)."""
 PRUNE_AFTER_S = 600.0
+LOAD_PUBLISH_MIN_S = 0.02
+"""A change of connected robots is published at once, but not more often than this."""
 """A starting container deletes entries this old: containers that died without unpublishing."""
 
 OPENPI_DATA_HOME = "OPENPI_DATA_HOME"
@@ -96,6 +101,10 @@ class DeployConfig:
     volume_name: str = "pi0remote-cache"  # PI0REMOTE_VOLUME
     min_containers: int = 1  # PI0REMOTE_MIN_CONTAINERS
     max_containers: int | None = None  # PI0REMOTE_MAX_CONTAINERS
+    robots_per_container: int = 8  # PI0REMOTE_ROBOTS_PER_CONTAINER: what the control loop plans for
+    spare_containers: int = 1  # PI0REMOTE_SPARE_CONTAINERS: warm containers beyond the robots' need
+    buffer_containers: int = 0  # PI0REMOTE_BUFFER_CONTAINERS: Modal's buffer (web-endpoint inputs)
+    autoscale_s: int = 60  # PI0REMOTE_AUTOSCALE_S: period of the control loop (0: no control loop)
     scaledown_window: int = 300  # PI0REMOTE_SCALEDOWN_S
     max_inputs: int = 64  # PI0REMOTE_MAX_INPUTS: concurrent web requests / WebSockets per container
     memory_snapshot: bool = True  # PI0REMOTE_MEMORY_SNAPSHOT
@@ -145,6 +154,11 @@ class DeployConfig:
             volume_name=env.get("PI0REMOTE_VOLUME") or d.volume_name,
             min_containers=_env_int(env.get("PI0REMOTE_MIN_CONTAINERS"), d.min_containers) or 0,
             max_containers=_env_int(env.get("PI0REMOTE_MAX_CONTAINERS"), d.max_containers),
+            robots_per_container=_env_int(env.get("PI0REMOTE_ROBOTS_PER_CONTAINER"), None)
+            or d.robots_per_container,
+            spare_containers=_env_int(env.get("PI0REMOTE_SPARE_CONTAINERS"), d.spare_containers) or 0,
+            buffer_containers=_env_int(env.get("PI0REMOTE_BUFFER_CONTAINERS"), d.buffer_containers) or 0,
+            autoscale_s=_env_int(env.get("PI0REMOTE_AUTOSCALE_S"), d.autoscale_s) or 0,
             scaledown_window=_env_int(env.get("PI0REMOTE_SCALEDOWN_S"), d.scaledown_window)
             or d.scaledown_window,
             max_inputs=_env_int(env.get("PI0REMOTE_MAX_INPUTS"), d.max_inputs) or d.max_inputs,
@@ -176,6 +190,23 @@ class DeployConfig:
         out = {k: env[k] for k in self.env_names if k in env}
         out[OPENPI_DATA_HOME] = self.openpi_data_home
         return out
+
+    def scaling_policy(self) -> Any:
+        """The control loop's rule for this deployment (:class:`pi0remote.scaling.ScalingPolicy`)."""
+        from .scaling import ScalingPolicy
+
+        return ScalingPolicy(
+            robots_per_container=self.robots_per_container,
+            floor=self.min_containers,
+            max_containers=self.max_containers,
+            spare=self.spare_containers,
+            buffer_containers=self.buffer_containers,
+        )
+
+    @property
+    def scaling_state_name(self) -> str:
+        """Name of the ``modal.Dict`` where the control loop keeps its last decision."""
+        return f"{self.app_name}-scaling"
 
     @property
     def endpoints_name(self) -> str:
@@ -339,6 +370,7 @@ def new_entry(
     region: Any,
     heartbeat_s: float,
     now: float | None = None,
+    load: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     t = time.time() if now is None else now
     return {
@@ -351,7 +383,13 @@ def new_entry(
         "policy": policy,
         "region": region,
         "version": __version__,
+        "load": dict(load) if load is not None else None,
     }
+
+
+def container_load(core: Any) -> dict[str, Any]:
+    """What a container publishes about its load: the server's counters, its batch capacity, readiness."""
+    return {**core.load.snapshot(), "capacity": int(core.runner.max_batch), "ready": bool(core.ready)}
 
 
 def prune_stale(
@@ -371,16 +409,26 @@ def prune_stale(
 
 
 class Heartbeat:
-    """Rewrites the container's entry with a fresh ``heartbeat`` timestamp every ``interval`` seconds."""
+    """Rewrites the container's entry with a fresh ``heartbeat`` (and ``load``) every ``interval`` seconds.
+
+    :meth:`poke` publishes sooner (a robot connected or left), at most every ``LOAD_PUBLISH_MIN_S``.
+    """
 
     def __init__(
-        self, store: MutableMapping[str, Any], key: str, entry: dict[str, Any], interval: float
+        self,
+        store: MutableMapping[str, Any],
+        key: str,
+        entry: dict[str, Any],
+        interval: float,
+        load: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.key = key
         self.entry = entry
         self.interval = interval
+        self.load = load
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pi0remote-heartbeat", daemon=True)
         self.beats = 0
 
@@ -388,20 +436,31 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def poke(self) -> None:
+        self._wake.set()
+
     def beat(self) -> None:
+        if self.load is not None:
+            self.entry["load"] = dict(self.load())
         self.entry["heartbeat"] = time.time()
         self.store[self.key] = dict(self.entry)
         self.beats += 1
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             try:
                 self.beat()
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not take the server down
                 logger.warning("heartbeat for %s failed: %s", self.key, exc)
+            self._stop.wait(LOAD_PUBLISH_MIN_S)
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(self.interval + 5)
 
@@ -459,14 +518,22 @@ class PolicyContainer:
         )
         self._closed = False
 
+    def load(self) -> dict[str, Any]:
+        """This container's published load (see :func:`container_load`)."""
+        return container_load(self.core)
+
     def publish(self, entry: dict[str, Any], heartbeat_s: float) -> None:
         self.entry = entry
+        entry["load"] = self.load()
         self.store[self.container_id] = dict(entry)
         if heartbeat_s > 0:
-            self.heartbeat = Heartbeat(self.store, self.container_id, entry, heartbeat_s).start()
+            self.heartbeat = Heartbeat(self.store, self.container_id, entry, heartbeat_s, self.load).start()
+            self.core.load.on_change.append(self.heartbeat.poke)
 
     def unpublish(self) -> None:
         if self.heartbeat is not None:
+            with contextlib.suppress(ValueError):
+                self.core.load.on_change.remove(self.heartbeat.poke)
             self.heartbeat.stop()
             self.heartbeat = None
         if self.entry is not None:
@@ -476,12 +543,19 @@ class PolicyContainer:
                 logger.warning("could not remove %s from the endpoint store: %s", self.container_id, exc)
             self.entry = None
 
-    def close(self) -> None:
-        """Unpublish first (clients stop picking this container), then close the portals and the server."""
+    def close(self, drain_s: float = 0.0) -> None:
+        """Unpublish first (clients stop picking this container), then close the portals and the server.
+
+        ``drain_s``: wait up to that long, after unpublishing, for the connected robots to move to other
+        containers (their clients watch the store) before the connections are closed.
+        """
         if self._closed:
             return
         self._closed = True
         self.unpublish()
+        deadline = time.monotonic() + drain_s
+        while self.core.load.robots and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
             self._tunnels.close()
         except Exception as exc:  # noqa: BLE001
@@ -769,6 +843,12 @@ class PolicyAsgiApp:
         # (the core answers a typed authentication error and closes, as on the raw TCP transport).
         await send({"type": "websocket.accept"})
         session = Session(authenticated=authorised, transport="ws")
+        try:
+            await self._ws_loop(session, receive, send)
+        finally:
+            self.core.load.session_closed(session)
+
+    async def _ws_loop(self, session: Any, receive: Callable[[], Any], send: Callable[..., Any]) -> None:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":

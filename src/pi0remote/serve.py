@@ -23,7 +23,12 @@ from typing import Any
 
 from . import cli, protocol
 
-EXAMPLES = """examples:
+EXAMPLES = """which listeners open:
+  --transports when given; otherwise the transports whose port flag is given (--http-port: http and ws,
+  --tcp-port: tcp, --quic-port: quic and quic+tcp); with no port flag, http, ws and tcp on 8000 / 8765.
+  A port flag for a transport that --transports leaves out opens nothing (a note says so).
+
+examples:
   pi0remote serve --policy expert                        # http, ws on 8000 and tcp on 8765
   pi0remote serve --policy expert --tcp-port 8765        # tcp only
   pi0remote serve --policy pi0 --host 0.0.0.0 --token-file token.txt --transports tcp,quic
@@ -38,7 +43,7 @@ PORT_FLAG = {
     "quic+tcp": "quic_port",
 }
 DEFAULT_PORTS = {"http_port": 8000, "tcp_port": 8765, "quic_port": 4433}
-POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights")
+POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights", "exact")
 """Flags (dests) handed to the policy factory when the user set them: a new one is one line here."""
 
 
@@ -51,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, help="pi0: openpi training config name (default pi0_aloha_sim)")
     g.add_argument("--checkpoint", default=None, help="pi0: checkpoint directory or gs:// URL")
     g.add_argument("--random-weights", action="store_true", help="pi0: random bf16 weights (no download)")
+    g.add_argument(
+        "--exact",
+        action="store_true",
+        help="pi0: openpi's own Policy.infer steps (bit-identical actions) instead of the fast path",
+    )
     g.add_argument("--num-steps", type=int, default=None, help="pi0: flow-matching steps (default 10)")
     g.add_argument("--prompt", default=None, help="pi0: default language prompt")
     g = p.add_argument_group("real-time chunking (flow policies: pi0, flow; docs/rtc.md)")
@@ -62,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--rtc-schedule", choices=("exp", "linear"), default=None,
         help="soft prefix mask past the delay (default exp)",
     )  # fmt: skip
-    g = p.add_argument_group("listeners (see 'Which listeners open' above)")
+    g = p.add_argument_group("listeners (see 'which listeners open' below)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
         "--http-port", type=int, default=None, help="HTTP and WebSocket (/ws) (default 8000; 0: free)"
@@ -198,13 +208,20 @@ def all_interfaces(host: str) -> bool:
 
 
 def outward_address() -> str:
-    """This machine's address as other machines on its network see it (a guess; no packet is sent)."""
+    """This machine's address as other machines on its network see it (a guess; no packet is sent):
+    the source address of a route out, else what the hostname resolves to, else the hostname."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect(("10.255.255.255", 1))
             return s.getsockname()[0]
         except OSError:
-            return socket.gethostname()
+            pass
+    name = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(name)
+        return name if addr.startswith("127.") else addr
+    except OSError:
+        return name
 
 
 def display_urls(urls: list[str], host: str) -> tuple[list[str], str | None]:
@@ -296,6 +313,7 @@ async def serve(cfg: ServeConfig) -> int:
         log(f"pi0remote serve: {hint}")
     if cfg.server_options.get("token"):
         log("pi0remote serve: clients must send the token (--token, --token-file or $PI0REMOTE_TOKEN)")
+    log(f"pi0remote serve: warming up {cfg.policy} (the first calls compile / load; 'ready' follows)")
     await server.warmup()
     print("ready", flush=True)
     await stop.wait()

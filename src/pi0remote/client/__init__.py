@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidURL, MissingDependency, UnknownScheme
 from .base import AsyncPolicyClient, AsyncTransport, PolicyClient, Transport
-from .session import AsyncBytePump, BytePump, ClientOptions, check_options
+from .session import AsyncBytePump, BytePump, TransportOptions, check_options
 
 # scheme -> (module, sync pump class, async pump class); imported on first use.
 SCHEMES: dict[str, tuple[str, str, str]] = {
@@ -94,7 +94,7 @@ def _make_pump(url: str | None, policy: Any, options: dict[str, Any], which: int
     url, kwargs = _resolve(url, policy, options)
     cls = _pump_class(url, which)
     check_options(_scheme(url), cls.OPTIONS, kwargs)
-    opts = ClientOptions(url, **kwargs)
+    opts = TransportOptions(url, **kwargs)
     if opts.tune_malloc or (opts.tune_malloc is None and os.environ.get(TUNE_MALLOC_ENV) == "1"):
         from .._malloc import tune_malloc
 
@@ -109,7 +109,7 @@ def connect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> PolicyClient:
+) -> Any:
     """Connect to a policy server and return a ready :class:`PolicyClient`.
 
     ``timeout`` bounds each call (and each connect attempt); ``token`` is sent on every transport.
@@ -118,6 +118,10 @@ def connect(
     this process, as the server does; off unless asked, or ``PI0REMOTE_TUNE_MALLOC=1``). Transport-specific
     ones (``quic_fingerprint``, ...) are listed in the transport's module; an unknown keyword is a TypeError.
     """
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import connect_modal  # resolver choice and failover across containers
+
+        return connect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 1)
     return PolicyClient(pump, url).connect()
 

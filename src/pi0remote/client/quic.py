@@ -45,7 +45,7 @@ from ..errors import (
     RequestTimeout,
 )
 from ._sock import host_port
-from .session import AsyncBytePump, BytePump, ClientOptions
+from .session import AsyncBytePump, BytePump, TransportOptions
 from .translate import aioquic_table, quic_termination, translate
 
 DEFAULT_PORT = 8766
@@ -326,7 +326,7 @@ class _TcpLink:
             pass
 
 
-def _configure(pump: Any, options: ClientOptions) -> None:
+def _configure(pump: Any, options: TransportOptions) -> None:
     """Address, QUIC options and scheme (``quic`` or ``quic+tcp``), the same for both twins."""
     pump.host, pump.port = host_port(options.url, DEFAULT_PORT)
     pump.quic_options = _options(options.url, options.extra)
@@ -367,7 +367,7 @@ class QuicPump(BytePump):
     OPTIONS = OPTIONS
     final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         _configure(self, options)
         burst = options.extra.get("quic_burst_bytes")
@@ -565,7 +565,7 @@ class AsyncQuicPump(AsyncBytePump):
     OPTIONS = OPTIONS
     final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         _configure(self, options)
         self.driver: _AsyncDriver | None = None

@@ -178,6 +178,7 @@ class MessageConnection:
 
     def connection_lost(self) -> None:
         self.closed = True
+        self.core.load.session_closed(self.session)
         self._cancel_timers()
         self._inbox.clear()
 

@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines"
     )
     g = p.add_argument_group("embedded server (without --url)")
-    g.add_argument("--policy", default="zeros", help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...")
+    g.add_argument(
+        "--policy",
+        default="zeros",
+        type=cli.policy_name,
+        help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...",
+    )
     g.add_argument("--max-batch", type=int, default=1, help="dynamic batching up to this size")
     g.add_argument(
         "--batch-window-ms", type=float, default=None,
@@ -57,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-charts", dest="charts", action="store_false", help="skip charts/latency_breakdown.png"
     )
+    from ..fleet import add_fleet_args
+
+    add_fleet_args(p)
 
 
 @dataclass
@@ -69,7 +77,11 @@ class BenchCommand:
     quiet: bool = False
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> BenchCommand:
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Any:
+    if getattr(args, "fleet", 0):  # --fleet K: harness/fleet.py
+        from ..fleet import fleet_command
+
+        return fleet_command(args, parser)
     transports = args.transport if isinstance(args.transport, list) else [args.transport]
     bench = BenchConfig(
         urls=list(args.url or []),
@@ -108,7 +120,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return run_clients(cfg, log) if cfg.clients > 0 else run_latency(cfg, log)
 
 
-def execute(cmd: BenchCommand) -> int:
+def execute(cmd: Any) -> int:
+    if not isinstance(cmd, BenchCommand):  # --fleet K
+        return cmd.execute()
     from .report import (
         describe_config,
         jsonable,
