@@ -133,8 +133,12 @@ async def aconnect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> AsyncPolicyClient:
+) -> Any:
     """Async twin of :func:`connect`."""
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import aconnect_modal  # resolver choice and failover across containers
+
+        return await aconnect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 2)
     return await AsyncPolicyClient(pump, url).connect()  # type: ignore[arg-type]
 
