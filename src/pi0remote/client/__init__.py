@@ -63,8 +63,8 @@ def _pump_class(url: str, which: int) -> type[BytePump]:
         module = importlib.import_module(entry[0])
     except ImportError as exc:
         extra = EXTRAS.get(scheme)
-        if extra is None or exc.name in (None, entry[0]):
-            raise
+        if extra is None or exc.name is None or exc.name.split(".")[0] == "pi0remote":
+            raise  # our own import error, not a missing extra
         raise MissingDependency(
             f"{scheme}:// needs {exc.name}, which is not installed: pip install 'pi0remote[{extra}]'"
         ) from exc
