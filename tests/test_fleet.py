@@ -244,6 +244,29 @@ def test_resolver_skips_unready_stale_and_excluded_and_honours_pin() -> None:
         modal_client.resolve_modal_url(url, {"w": _entry("w", 0, ready=False)})
 
 
+def test_malformed_entries_are_never_chosen_and_garbage_loads_count_as_none() -> None:
+    now = time.time()
+    store: dict[str, Any] = {
+        "good": _entry("good", 3),
+        "portals-list": {**_entry("x", 0), "portals": ["tcp"]},
+        "portal-number": {**_entry("y", 0), "portals": {"tcp": 12}},
+        "nan-beat": {**_entry("z", 0), "heartbeat": float("nan")},
+        "bool-beat": {**_entry("w", 0), "heartbeat": True},
+        "string": "junk",
+        "liar": {**_entry("liar", 0), "load": {"robots": -50, "capacity": float("inf"), "ready": True}},
+        "garbage-load": {**_entry("g", 0), "load": {"robots": "many", "capacity": None}},
+    }
+    live = {e["container_id"] for e in modal_client.live_entries(store, "tcp", max_age_s=60, now=now)}
+    assert live == {"good", "liar", "g"}
+    liar, garbage = store["liar"], store["garbage-load"]
+    assert modal_client.load_ratio(liar) == 0.0 and modal_client.load_ratio(garbage) == 0.0
+    for _ in range(20):
+        target, _, _ = modal_client.resolve_modal_entry("modal://app/tcp", store)
+        assert target in ("tcp://good.host:1", "tcp://liar.host:1", "tcp://g.host:1")
+    loads = [{"robots": float("inf")}, {"robots": "x"}, {"robots": -3}, {"robots": 2}]
+    assert decide(loads, ScalingPolicy(robots_per_container=8)).robots == 2
+
+
 def test_rebalance_moves_only_the_excess_towards_room() -> None:
     entries = [_entry("full", 10), _entry("a", 8), _entry("b", 8), _entry("low", 6)]
     rng = random.Random(1)
