@@ -530,6 +530,43 @@ def test_app_autoscaler_settings_and_control_loop() -> None:
     assert image is not synchronizer._translate_in(m.image)
 
 
+def test_control_round_sets_the_class_autoscaler(monkeypatch) -> None:
+    """The scheduled function's body, with Modal's Dict and Cls lookups as the only stand-ins."""
+    modal = pytest.importorskip("modal")
+    import pi0remote.modal_app as m
+
+    now = time.time()
+    dicts: dict[str, dict[str, Any]] = {
+        "pi0remote-endpoints": {
+            "a": {"heartbeat": now, "load": {"robots": 8, "capacity": 8}},
+            "b": {"heartbeat": now, "load": {"robots": 3, "capacity": 8}},
+        }
+    }
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    class FakeCls:
+        def __init__(self, app: str, name: str) -> None:
+            self.key = (app, name)
+
+        def __call__(self) -> Any:
+            return self
+
+        def update_autoscaler(self, **settings: Any) -> None:
+            calls.append((*self.key, settings))
+
+    monkeypatch.setattr(modal.Dict, "from_name", lambda name, **kw: dicts.setdefault(name, {}))
+    monkeypatch.setattr(modal.Cls, "from_name", lambda app, name, **kw: FakeCls(app, name))
+    for key in [k for k in os.environ if k.startswith("PI0REMOTE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PI0REMOTE_ROBOTS_PER_CONTAINER", "4")
+    out = m.control_round()
+    assert out["robots"] == 11 and out["min_containers"] == 4  # ceil(11 / 4) + one spare
+    assert calls == [("pi0remote", "Pi0Server", {"min_containers": 4, "buffer_containers": 0})]
+    assert dicts["pi0remote-scaling"]["decision"]["min_containers"] == 4
+    m.control_round()
+    assert len(calls) == 1  # unchanged: Modal is not called again
+
+
 def test_app_autoscaler_environment_overrides(tmp_path) -> None:
     pytest.importorskip("modal")
     code = (
