@@ -12,7 +12,8 @@
 #     round trip at batch 1, then 8 client processes (pi0remote's openpi:// client);
 #  6. benchmarks/pi0_checkpoint_summary.py: the ratios, into $OUT/results.json.
 #
-# PARTS (default "make,check,fast,exact,openpi") picks steps; CHECK_PARTS goes to step 2 (default equiv,timing).
+# PARTS (default "make,check,fast,openpi,exact") picks steps; CHECK_PARTS goes to step 2 (default
+# equiv,floor,rtc,timing).
 # Expects the environment pi0_device.sh sets (PYTHONPATH with openpi's source and wheels). Each step's JSON lands
 # in $WORK; logs go to $OUT/logs.txt.
 set -uo pipefail
@@ -20,7 +21,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-results/pi0}
 WORK=${WORK:-/tmp/pi0_checkpoint_run}
 CKPT=${CKPT:-/tmp/pi0_checkpoint}
-PARTS=${PARTS:-make,check,fast,exact,openpi}
+PARTS=${PARTS:-make,check,fast,openpi,exact}
 N=${N:-200}
 CLIENT_N=${CLIENT_N:-60}
 export OPENPI_DATA_HOME=${OPENPI_DATA_HOME:-/tmp/openpi_home}
@@ -36,7 +37,8 @@ stop_server() {
   [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
   SERVER=
 }
-trap stop_server EXIT
+summary() { $PY benchmarks/pi0_checkpoint_summary.py "$WORK" "$OUT/results.json" >>"$LOGS" 2>&1; }
+trap 'stop_server; summary' EXIT
 
 # start_server LOGFILE CMD...: start it, wait for `ready` (up to 600 s), leave its pid in $SERVER
 start_server() {
@@ -85,9 +87,9 @@ if has make && [ ! -d "$CKPT/params" ]; then
   cp "$CKPT/make_pi0_checkpoint.json" "$WORK/make.json" 2>/dev/null
 fi
 if has check; then
-  log "in-process check (${CHECK_PARTS:-equiv,timing})"
+  log "in-process check (${CHECK_PARTS:-equiv,floor,rtc,timing})"
   $PY benchmarks/pi0_checkpoint_check.py --checkpoint "$CKPT" --out "$WORK" --n "${CHECK_N:-40}" \
-    --parts "${CHECK_PARTS:-equiv,timing}" 2>&1 | tee -a "$LOGS" | grep -vE "^\s*$" | tail -n 30
+    --parts "${CHECK_PARTS:-equiv,floor,rtc,timing}" 2>&1 | tee -a "$LOGS" | grep -vE "^\s*$" | tail -n 30
 fi
 if has fast; then
   log "serve fast (--max-batch 8)"
@@ -97,14 +99,6 @@ if has fast; then
     bench fast_clients8 "$URL" --clients 8 --n "$CLIENT_N" --warmup 5
   fi
   cat "$WORK/serve_fast.log" >>"$LOGS"
-  stop_server
-fi
-if has exact; then
-  log "serve --exact"
-  if serve_pi0 serve_exact --exact; then
-    bench exact_b1 "$(tcp_url "$WORK/serve_exact.log")" --n "$N" --warmup 10
-  fi
-  cat "$WORK/serve_exact.log" >>"$LOGS"
   stop_server
 fi
 if has openpi; then
@@ -117,5 +111,14 @@ if has openpi; then
   cat "$WORK/serve_openpi.log" >>"$LOGS"
   stop_server
 fi
+if has exact; then
+  log "serve --exact"
+  if serve_pi0 serve_exact --exact; then
+    bench exact_b1 "$(tcp_url "$WORK/serve_exact.log")" --n "$N" --warmup 10
+  fi
+  cat "$WORK/serve_exact.log" >>"$LOGS"
+  stop_server
+fi
 log "summary"
+trap stop_server EXIT
 $PY benchmarks/pi0_checkpoint_summary.py "$WORK" "$OUT/results.json" 2>&1 | tee -a "$LOGS"

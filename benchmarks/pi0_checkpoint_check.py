@@ -1,7 +1,7 @@
 """The π₀ checkpoint path in process: fast vs openpi's ``Policy.infer`` (equivalence), exact (bit-identity), timing.
 
     PYTHONPATH=src:.openpi_src python benchmarks/pi0_checkpoint_check.py --checkpoint DIR [--config pi0_aloha_sim]
-        [--n 50] [--parts equiv,timing,rtc] [--out results/pi0]
+        [--n 50] [--parts equiv,floor,rtc,timing] [--out results/pi0]
 
 One openpi ``Policy`` is loaded (pi0remote's loader: openpi's ``create_trained_policy`` with the orbax fallback);
 the fast path (``FastPi0Policy``) and ``--exact`` (``OpenpiPi0Policy``) wrap that same object, so all three
@@ -12,7 +12,9 @@ read the same parameters, norm stats and tokenizer.
   same with the rng's own noise (same key); ``--exact`` against ``Policy.infer`` (same rng): bit-identical?
 * ``timing``: warm-up (compile per padded batch size), batch 1 (fast, exact, openpi's ``Policy.infer``),
   ``infer_batch`` at 2, 4, 8 (fast), wall clock and ``inference_ms``.
-* ``rtc``: guided vs unguided on the same observations (see ``rtc_part``): prefix_error and time at batch 1, 8.
+* ``floor``: openpi against itself, batch 1 vs batch 2 (two XLA programs): the scale of bf16 reordering.
+* ``rtc``: guided vs unguided on the same observations and noise: prefix_error (the prefix: the last n actions
+  of a chunk for an earlier observation), and the time of guided vs unguided calls at batch 1 and 8.
 
 Writes ``pi0_checkpoint_check.json`` under ``--out`` and prints a summary.
 """
@@ -171,13 +173,15 @@ def main() -> int:
     exact = OpenpiPi0Policy(op, extra=extra)
     to_openpi = OpenpiPi0Policy.to_openpi
     print(f"loaded {args.checkpoint} in {result['load_s']} s")
-    parts = set(args.parts.split(","))
-    for name, fn in (
-        ("equiv", lambda: equivalence(op, fast, exact, to_openpi, args.seeds)),
-        ("timing", lambda: timing(op, fast, exact, to_openpi, args.n)),
-        ("rtc", lambda: rtc_part(op, fast, args.n)),
-    ):
-        if name not in parts:
+    steps = {
+        "equiv": lambda: equivalence(op, fast, exact, to_openpi, args.seeds),
+        "floor": lambda: noise_floor(op, to_openpi, args.seeds),
+        "rtc": lambda: rtc_part(op, fast, args.n),
+        "timing": lambda: timing(op, fast, exact, to_openpi, args.n),
+    }
+    for name in args.parts.split(","):
+        fn = steps.get(name)
+        if fn is None:
             continue
         try:
             result[name] = fn()
@@ -189,8 +193,87 @@ def main() -> int:
     return 0
 
 
+def noise_floor(op: Any, to_openpi: Any, seeds: int) -> dict[str, Any]:
+    """How far bf16 reordering alone moves openpi's own actions: the same observation and noise through
+    openpi's ``sample_actions`` as a batch of 1 and as item 0 of a batch of 2 (two XLA programs)."""
+    import jax
+    import jax.numpy as jnp
+    from openpi.models import model as _model
+
+    rows = []
+    for s in range(seeds):
+        rng = np.random.default_rng(2000 + s)
+        o = make_obs(rng)
+        noise = rng.standard_normal((50, int(op._model.action_dim))).astype(np.float32)
+        inputs = op._input_transform(to_openpi(o))
+        outs = []
+        for b in (1, 2):
+            batch = jax.tree.map(lambda x, b=b: jnp.asarray(np.stack([np.asarray(x)] * b)), inputs)
+            observation = _model.Observation.from_dict(batch)
+            acts = op._sample_actions(
+                jax.random.key(0), observation, noise=jnp.asarray(np.stack([noise] * b))
+            )
+            state = np.asarray(batch["state"][0])
+            outs.append(op._output_transform({"state": state, "actions": np.asarray(acts[0])})["actions"])
+        rows.append(diff_stats(outs[1], outs[0]))
+    return {
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "mean_abs_diff": float(np.mean([r["mean_abs_diff"] for r in rows])),
+        "mean_abs_action": float(np.mean([r["mean_abs_action"] for r in rows])),
+        "n": len(rows),
+    }
+
+
+RTC_CASES = ((25, 5), (25, 10), (10, 3))
+"""(n, d): prefix length (the unexecuted rest of the previous chunk) and delay steps."""
+
+
+def rtc_errors(fast: Any, pl: int, d: int, seeds: int) -> dict[str, Any]:
+    free_e, guided_e, motion = [], [], []
+    for s in range(seeds):
+        rng = np.random.default_rng(3000 + 10 * pl + d + 100 * s)
+        prev = fast.infer(make_obs(rng), noise=rng.standard_normal((50, fast.action_dim)).astype(np.float32))
+        field = {"prefix": prev["action"][-pl:].copy(), "delay_steps": d}
+        o = make_obs(rng)
+        noise = rng.standard_normal((50, fast.action_dim)).astype(np.float32)
+        free = fast.infer(o, noise=noise)["action"]
+        guided = fast.infer({**o, "rtc": field}, noise=noise)
+        free_e.append(float(np.max(np.abs(free[:d] - field["prefix"][:d]))))
+        guided_e.append(float(guided["rtc"]["prefix_error"]))
+        motion.append(float(np.mean(np.abs(np.diff(free, axis=0)))))
+    return {
+        "prefix_error_unguided": float(np.mean(free_e)),
+        "prefix_error_guided": float(np.mean(guided_e)),
+        "prefix_error_guided_max": max(guided_e),
+        "step_to_step_motion": float(np.mean(motion)),
+        "n": seeds,
+    }
+
+
 def rtc_part(op: Any, fast: Any, n: int) -> dict[str, Any]:
-    raise NotImplementedError("guided sampling is not in this build")
+    """prefix_error with and without guidance; the time of a guided call against an unguided one."""
+    out: dict[str, Any] = {"beta": fast.rtc_beta, "schedule": fast.rtc_schedule}
+    for pl, d in RTC_CASES:
+        out[f"n={pl},d={d}"] = rtc_errors(fast, pl, d, 3)
+    rng = np.random.default_rng(9)
+    base = [make_obs(rng) for _ in range(8)]
+    prev = fast.infer(make_obs(rng))["action"]
+    field = {"prefix": prev[-25:].copy(), "delay_steps": 5}
+    for b in (1, 8):
+        plain = base[:b]
+        guided = [{**o, "rtc": field} for o in plain]
+        times = {}
+        for name, batch in (("unguided", plain), ("guided", guided)):
+            fast.infer_batch(batch)
+            wall = []
+            for _ in range(max(10, n // 2)):
+                t0 = time.perf_counter()
+                fast.infer_batch(batch)
+                wall.append((time.perf_counter() - t0) * 1000)
+            times[name] = stats(wall)
+        times["ratio_p50"] = round(times["guided"]["p50"] / times["unguided"]["p50"], 3)
+        out[f"batch{b}_time_ms"] = times
+    return out
 
 
 if __name__ == "__main__":

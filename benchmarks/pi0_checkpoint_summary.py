@@ -52,6 +52,9 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
     batches = (check.get("timing") or {}).get("fast_batches") or {}
     if "8" in batches:
         h["fast_batch8_wall_ms_p50"] = batches["8"]["wall_ms"]["p50"]
+    h["bf16_noise_floor"] = check.get("floor")
+    rtc = check.get("rtc") or {}
+    h["rtc"] = {k: v for k, v in rtc.items() if k.startswith(("n=", "batch")) or k in ("beta", "schedule")}
     eq = check.get("equiv") or {}
     h["equivalence"] = {
         k: {

@@ -226,8 +226,11 @@ def test_bench_unreachable_and_mismatched_urls_are_one_line(token_server) -> Non
     out = pi0remote("bench", "--url", "tcp://127.0.0.1:1", "--n", "1", "--timeout", "1")
     assert_one_line_error(out, 1, "tcp://127.0.0.1:1", "--url")
     http_port = srv.url("http").rsplit(":", 1)[1]
-    out = pi0remote("bench", "--url", f"tcp://127.0.0.1:{http_port}", "--n", "1", "--timeout", "1")
-    assert_one_line_error(out, 1, f"tcp://127.0.0.1:{http_port}", "--tcp-port")
+    out = pi0remote("bench", "--url", f"tcp://127.0.0.1:{http_port}", "--n", "1", "--timeout", "5")
+    assert_one_line_error(out, 1, f"tcp://127.0.0.1:{http_port}", f"http://127.0.0.1:{http_port}")
+    tcp_port = srv.url("tcp").rsplit(":", 1)[1]
+    out = pi0remote("bench", "--url", f"http://127.0.0.1:{tcp_port}", "--n", "1", "--timeout", "5")
+    assert_one_line_error(out, 1, f"http://127.0.0.1:{tcp_port}", f"tcp://127.0.0.1:{tcp_port}")
 
 
 def test_bench_bad_values_are_argparse_errors(capsys) -> None:

@@ -262,7 +262,8 @@ def test_rebalance_moves_only_the_excess_towards_room() -> None:
 
 def _kill(container: Any) -> None:
     """Die without unpublishing: no more heartbeats, the server and its connections gone, the entry left."""
-    container.heartbeat.stop()
+    if container.heartbeat is not None:
+        container.heartbeat.stop()
     container.server_thread.stop()
 
 
@@ -291,6 +292,32 @@ def test_failover_when_the_container_dies_without_unpublishing() -> None:
         b.close()
 
 
+def test_async_client_fails_over_too() -> None:
+    import asyncio
+
+    from pi0remote import aconnect
+
+    store: dict[str, Any] = {}
+    a, b = start(store, "ta-a"), start(store, "ta-b")
+
+    async def main() -> None:
+        url = "modal://pi0remote/tcp?failover_s=5&watch_s=0.05"
+        async with await aconnect(url, modal_store=store, token=TOKEN) as client:
+            first = client.container_id
+            obs = make_obs(5)
+            np.testing.assert_array_equal((await client.infer(obs))["action"], expected_action(obs["state"]))
+            _kill(a if first == "ta-a" else b)
+            reply = await client.infer(obs)
+            np.testing.assert_array_equal(reply["action"], expected_action(obs["state"]))
+            assert client.container_id != first and client.failovers == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_client_moves_when_its_container_stops_heartbeating() -> None:
     store: dict[str, Any] = {}
     a, b = start(store, "ta-a"), start(store, "ta-b")
@@ -304,6 +331,29 @@ def test_client_moves_when_its_container_stops_heartbeating() -> None:
             assert client.container_id != first and client.failovers == 0
         with connect(url, modal_store=store, token=TOKEN) as pinned:  # pin= never moves
             assert pinned.container_id == "ta-a" and not pinned.rebalance
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_draining_container_loses_its_robots_without_a_failed_call() -> None:
+    """Scale-down: the exit handler unpublishes, the robots' watchers move them, then the server closes."""
+    import threading
+
+    store: dict[str, Any] = {}
+    a, b = start(store, "ta-a"), start(store, "ta-b")
+    try:
+        with connect(
+            "modal://pi0remote/tcp?watch_s=0.05&rebalance=0", modal_store=store, token=TOKEN
+        ) as client:
+            victim = a if client.container_id == a.container_id else b
+            closer = threading.Thread(target=victim.close, kwargs={"drain_s": 5.0})
+            t0 = time.monotonic()
+            closer.start()
+            while closer.is_alive():
+                client.infer(make_obs(0))  # never raises: the move happens between calls
+            assert time.monotonic() - t0 < 4.0  # the robot left, so the drain ended early
+            assert client.container_id != victim.container_id and client.failovers == 0
     finally:
         a.close()
         b.close()
@@ -327,6 +377,22 @@ def test_every_container_gone_is_a_typed_error_within_the_bound() -> None:
     finally:
         client.close()
         a.close()
+
+
+def test_first_connect_fails_fast_on_an_empty_store_and_skips_a_dead_entry() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError, match="no container has published"):
+        connect("modal://pi0remote/tcp?failover_s=10", modal_store={}, token=TOKEN)
+    assert time.monotonic() - t0 < 2.0  # nothing to wait for: the failover bound is for a running client
+    store: dict[str, Any] = {}
+    with start(store, "ta-live", heartbeat_s=0):
+        dead = start(store, "ta-dead", heartbeat_s=0)
+        _kill(dead)  # its entry stays, its port refuses
+        for _ in range(4):  # whichever the resolver picks first, the client ends up on the live one
+            with connect("modal://pi0remote/tcp?watch_s=0", modal_store=store, token=TOKEN) as client:
+                assert client.container_id == "ta-live"
+                client.infer(make_obs(0))
+        dead.close()
 
 
 def test_rebalancing_moves_robots_to_a_new_container() -> None:
@@ -372,6 +438,43 @@ def test_bench_fleet_end_to_end_with_a_kill(tmp_path) -> None:
     assert fleet["outage_s"]["never_served_again"] == 0 and fleet["outage_s"]["p99"] < 3.0
     assert fleet["calls_per_s"] > 0 and fleet["baseline"]["calls_per_s"] > 0
     assert any(tmp_path.glob("*/results.json"))
+
+
+def test_bench_clients_through_a_modal_url(tmp_path) -> None:
+    """``bench --clients N --url modal://…``: every client process resolves through the (stand-in) Dict."""
+    import multiprocessing as mp
+    from multiprocessing.managers import BaseManager, DictProxy
+
+    shared: dict[str, Any] = {}
+
+    class StoreManager(BaseManager):
+        pass
+
+    StoreManager.register("store", callable=lambda: shared, proxytype=DictProxy)
+    manager = StoreManager(address=("127.0.0.1", 0), authkey=b"fleet-test", ctx=mp.get_context("fork"))
+    manager.start()
+    try:
+        store = manager.store()
+        with start(store, "ta-a"), start(store, "ta-b"):
+            host, port = manager.address
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("PI0REMOTE_", "MODAL_"))}
+            fake = os.path.join(HERE, "fake_modal_dict")
+            env.update(
+                PYTHONPATH=os.pathsep.join([fake, SRC, env.get("PYTHONPATH", "")]),
+                FAKE_MODAL_DICT=f"{host}:{port}:{b'fleet-test'.hex()}",
+                PI0REMOTE_TOKEN=TOKEN,
+            )
+            cmd = [sys.executable, "-m", "pi0remote.bench", "--clients", "4", "--url", "modal://pi0remote/tcp",
+                   "--n", "10", "--warmup", "1", "--json", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            result = json.loads(proc.stdout)
+            assert result["mode"] == "clients" and len(result["per_client"]) == 4
+            assert all(c["n"] == 10 for c in result["per_client"])
+            served = [store[c]["load"]["calls_per_s"] for c in ("ta-a", "ta-b")]
+            assert max(served) > 0  # the calls went to the containers the Dict names
+    finally:
+        manager.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -459,3 +459,98 @@ def test_transforms_that_change_pixels_fall_back_to_exact(fake, monkeypatch):
     monkeypatch.setattr(policy_config, "create_trained_policy", with_pixel_transform)
     policy = pi0_mod.make_pi0_policy()
     assert isinstance(policy, pi0_mod.OpenpiPi0Policy) and policy.metadata.extra["path"] == "exact"
+
+
+# --- real-time chunking on the fast path, and the output transform on the device -----------------------------
+
+
+def _rtc_case(policy, seed: int = 0, n: int = 25, d: int = 5):
+    """A prefix as a robot would send it: the unexecuted rest of the chunk for an earlier observation."""
+    previous = policy.infer(obs(50 + seed), noise=_noise(50 + seed)[0])["action"]
+    return obs(seed), {"prefix": previous[-n:].copy(), "delay_steps": d}
+
+
+def test_rtc_pulls_the_first_actions_onto_the_prefix(fake):
+    _needs_jax()
+    policy = pi0_mod.make_pi0_policy(rtc_beta=5.0)
+    meta = policy.metadata.to_dict()
+    assert meta["rtc"] is True and meta["rtc_beta"] == 5.0 and meta["rtc_schedule"] == "exp"
+    o, field = _rtc_case(policy)
+    noise = _noise(4)[0]
+    free = policy.infer(o, noise=noise)["action"]
+    guided = policy.infer({**o, "rtc": field}, noise=noise)
+    assert policy.last_call["guided"] is True
+    d = field["delay_steps"]
+    unguided_error = float(np.max(np.abs(free[:d] - field["prefix"][:d])))
+    assert guided["rtc"]["delay_steps"] == d and guided["rtc"]["beta"] == 5.0
+    assert guided["rtc"]["prefix_error"] == pytest.approx(
+        float(np.max(np.abs(guided["action"][:d] - field["prefix"][:d]))), rel=1e-6
+    )
+    assert guided["rtc"]["prefix_error"] < 0.25 * unguided_error
+    # past the prefix the chunk is free again: guidance changes the start, not the whole chunk's scale
+    assert np.max(np.abs(guided["action"][-10:] - free[-10:])) < 3 * np.max(np.abs(free))
+
+
+def test_rtc_batch_mixes_guided_and_unguided_in_one_call(fake):
+    _needs_jax()
+    policy = pi0_mod.make_pi0_policy()
+    o, field = _rtc_case(policy, seed=1)
+    plain = obs(2)
+    noise = _noise(5, 2)
+    replies = policy.infer_batch([{**o, "rtc": field}, plain], noise=noise)
+    assert policy.last_call == {"batch": 2, "slots": ("base_0_rgb",), "guided": True}
+    assert "rtc" in replies[0] and "rtc" not in replies[1]
+    _close(replies[1]["action"], _reference(plain, noise[1:]))  # W = 0: sampled as without guidance
+
+
+def test_rtc_prefix_enters_model_space_through_openpis_training_transforms(fake):
+    _needs_jax()
+    policy = pi0_mod.make_pi0_policy()
+    prefix = np.random.default_rng(3).uniform(-1, 1, (10, 14)).astype(np.float32)
+    item = policy.plan.inputs(
+        obs(), None, pi0_mod.parse_rtc({"rtc": {"prefix": prefix, "delay_steps": 2}}, 50, 14)
+    )
+    want = policy.openpi_policy._input_transform(
+        {**pi0_mod.OpenpiPi0Policy.to_openpi(obs()), "actions": prefix}
+    )["actions"]
+    np.testing.assert_allclose(item.prefix, want, rtol=1e-6, atol=1e-6)
+    assert item.prefix.shape == (10, 32) and not item.prefix[:, 14:].any()
+
+
+def test_paths_without_rtc_refuse_it(fake):
+    policy = exact()
+    with pytest.raises(InvalidInputError, match="real-time chunking"):
+        policy.infer({**obs(), "rtc": {"prefix": np.zeros((5, 14), np.float32), "delay_steps": 1}})
+    assert "rtc" not in policy.metadata.to_dict()
+
+
+def test_bad_rtc_is_a_typed_error(fake):
+    _needs_jax()
+    policy = pi0_mod.make_pi0_policy()
+    for field in (
+        {"prefix": np.zeros((5, 13), np.float32), "delay_steps": 1},
+        {"prefix": np.zeros((5, 14), np.float32), "delay_steps": 6},
+        {"prefix": np.zeros((51, 14), np.float32), "delay_steps": 1},
+    ):
+        with pytest.raises(InvalidInputError):
+            policy.infer({**obs(), "rtc": field})
+
+
+def test_output_transform_runs_on_the_device_when_affine_else_on_the_host(fake, monkeypatch):
+    _needs_jax()
+    policy_config, _ = fake
+    policy = pi0_mod.make_pi0_policy()
+    assert policy.metadata.extra["output_transform"] == "device"
+    original = policy_config.create_trained_policy
+
+    def with_clip(*args, **kwargs):
+        p = original(*args, **kwargs)
+        p._output_transform.transforms.append(lambda data: {"actions": np.clip(data["actions"], -1.0, 1.0)})
+        return p
+
+    monkeypatch.setattr(policy_config, "create_trained_policy", with_clip)
+    clipped = pi0_mod.make_pi0_policy()
+    assert clipped.metadata.extra["output_transform"] == "host"
+    o, noise = obs(8), _noise(8)
+    ref = exact().openpi_policy.infer(pi0_mod.OpenpiPi0Policy.to_openpi(o), noise=noise)["actions"]
+    _close(clipped.infer(o, noise=noise[0])["action"], ref)

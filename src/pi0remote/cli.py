@@ -355,6 +355,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pi0remote COMMAND ...``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["--version"], ["version"]):  # answered without building every command's parser
+        from . import __version__
+
+        print(f"pi0remote {__version__}")
+        return 0
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command == "version":

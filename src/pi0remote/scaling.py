@@ -34,7 +34,7 @@ class ScalingPolicy:
     robots_per_container: int = DEFAULT_ROBOTS_PER_CONTAINER  # PI0REMOTE_ROBOTS_PER_CONTAINER
     floor: int = 1  # PI0REMOTE_MIN_CONTAINERS: never fewer, even with no robot
     max_containers: int | None = None  # PI0REMOTE_MAX_CONTAINERS
-    spare: int = 1  # PI0REMOTE_SPARE_CONTAINERS: warm containers beyond the robots' need, while any is connected
+    spare: int = 1  # PI0REMOTE_SPARE_CONTAINERS: warm containers beyond the need, while robots are connected
     buffer_containers: int = 0  # PI0REMOTE_BUFFER_CONTAINERS: Modal's buffer (web-endpoint inputs only)
     scale_down_fill: float = 0.75
 

@@ -48,6 +48,16 @@ POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``serve`` flag, group by group (a new flag is one line in its group)."""
+    add_policy_arguments(p)
+    add_listener_arguments(p)
+    cli.add_auth(p, server=True)
+    add_server_arguments(p)
+    cli.add_output(p, out=None, json=False, progress=False)
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """Which policy, and the options its factory gets (π₀, real-time chunking)."""
     g = p.add_argument_group("policy")
     g.add_argument(
         "--policy", default="zeros", type=cli.policy_name,
@@ -72,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--rtc-schedule", choices=("exp", "linear"), default=None,
         help="soft prefix mask past the delay (default exp)",
     )  # fmt: skip
+
+
+def add_listener_arguments(p: argparse.ArgumentParser) -> None:
+    """Where to listen and on which transports (the rule: ``select_listeners``)."""
     g = p.add_argument_group("listeners (see 'which listeners open' below)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
@@ -86,7 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--transports", type=cli.choice_list(TRANSPORTS), default=None, metavar="LIST",
         help="comma list of http,ws,tcp,quic,quic+tcp (default: from the port flags given, else http,ws,tcp)",
     )  # fmt: skip
-    cli.add_auth(p, server=True)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Safety bounds, limits, batching and QUIC TLS: what :class:`~pi0remote.server.PolicyServer` gets."""
     g = p.add_argument_group("safety")
     g.add_argument("--max-message-mb", type=float, default=protocol.DEFAULT_MAX_MESSAGE_BYTES / 2**20)
     g.add_argument(
@@ -105,7 +122,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert", default=None, help="PEM certificate (default: self-signed, generated at start)")
     g.add_argument("--key", default=None, help="PEM private key for --cert")
     g.add_argument("--quic-max-datagram", type=int, default=None, help="QUIC datagram size over UDP")
-    cli.add_output(p, out=None, json=False, progress=False)
 
 
 RTC_POLICIES = ("pi0", "flow")

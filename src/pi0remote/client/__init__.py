@@ -63,8 +63,8 @@ def _pump_class(url: str, which: int) -> type[BytePump]:
         module = importlib.import_module(entry[0])
     except ImportError as exc:
         extra = EXTRAS.get(scheme)
-        if extra is None or exc.name in (None, entry[0]):
-            raise
+        if extra is None or exc.name is None or exc.name.split(".")[0] == "pi0remote":
+            raise  # our own import error, not a missing extra
         raise MissingDependency(
             f"{scheme}:// needs {exc.name}, which is not installed: pip install 'pi0remote[{extra}]'"
         ) from exc
@@ -133,8 +133,12 @@ async def aconnect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> AsyncPolicyClient:
+) -> Any:
     """Async twin of :func:`connect`."""
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import aconnect_modal  # resolver choice and failover across containers
+
+        return await aconnect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 2)
     return await AsyncPolicyClient(pump, url).connect()  # type: ignore[arg-type]
 

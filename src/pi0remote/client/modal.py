@@ -21,6 +21,8 @@ Query options: ``?environment=NAME`` (Modal environment), ``?max_age=SECONDS``. 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -307,8 +309,10 @@ def _fresh(entry: Mapping[str, Any] | None, max_age_s: float, now: float) -> boo
     return now - beat <= bound
 
 
-class FailoverClient:
-    """A ``modal://`` client that moves to another container when its own one goes away.
+class _FailoverState:
+    """What the sync and async failover clients share: the store, the exclusions, the watcher's check.
+
+    A ``modal://`` client that moves to another container when its own one goes away.
 
     It holds one ordinary client (``tcp://…`` or ``quic+tcp://…``) to the container the resolver chose. A
     watcher thread reads that container's entry every ``watch_s``; once the entry is gone, not ready or its
@@ -348,8 +352,6 @@ class FailoverClient:
         self._move_to: str | None = None
         self._settle_until = 0.0
         self.moves = 0
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
         self.calls = 0
 
     # -- the store -------------------------------------------------------------------------------
@@ -373,66 +375,26 @@ class FailoverClient:
         if container_id:
             self._excluded[container_id] = time.monotonic() + self.max_age_s
 
-    # -- connecting ------------------------------------------------------------------------------
-    def _open_one(self, pin: str | None = None) -> None:
-        from . import connect
+    def _resolve(self, pin: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        return resolve_modal_entry(self.url, self.store, exclude=self._exclusions(), pin=pin)
 
-        target, extra, entry = resolve_modal_entry(self.url, self.store, exclude=self._exclusions(), pin=pin)
+    def _options_for(self, extra: Mapping[str, Any]) -> dict[str, Any]:
         options = dict(self._options)
         for key, value in extra.items():
             if options.get(key) is None:
                 options[key] = value
-        try:
-            client = connect(target, **options)
-        except (ConnectError, ConnectionLost, RequestTimeout):
-            self._exclude(None if entry is None else entry.get("container_id"))
-            raise
-        self._drop()
+        return options
+
+    def _adopt(self, client: Any, entry: dict[str, Any] | None) -> None:
         self.client, self.entry = client, entry
+        self._moved = None
         self._settle_until = time.monotonic() + 3 * self.watch_s  # let the loads catch up before moving
 
-    def _move(self) -> None:
-        """Rebalance: connect to the chosen container first, then let go of the current one."""
-        target, self._move_to = self._move_to, None
-        try:
-            self._open_one(pin=target)
-            self.moves += 1
-        except (ConnectError, ConnectionLost, RequestTimeout):
-            pass  # stay where we are
-
-    def _reconnect(self, deadline: float, cause: BaseException | None) -> None:
-        """Resolve and connect until it works or ``deadline`` (monotonic) passes."""
-        self._drop()
-        delay = 0.02
-        while True:
-            try:
-                self._open_one()
-                self._moved = None
-                return
-            except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-                cause = exc
-            if time.monotonic() + delay > deadline:
-                raise ConnectError(
-                    f"{self.url}: no container took over within failover_s={self.failover_s:g} s "
-                    f"({type(cause).__name__}: {cause})"
-                ) from cause
-            self._stop.wait(delay)  # back off between store reads
-            delay = min(0.5, delay * 2)
-
-    def connect(self) -> FailoverClient:
-        if self.client is None:
-            self._reconnect(time.monotonic() + self.failover_s, None)
-        if self._watcher is None and self.watch_s > 0:
-            self._watcher = threading.Thread(target=self._watch, name="pi0remote-failover", daemon=True)
-            self._watcher.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.watch_s):
-            try:
-                self._check()
-            except Exception:  # noqa: BLE001 - the store is unreachable: keep the connection we have
-                continue
+    def _gave_up(self, cause: BaseException | None) -> ConnectError:
+        return ConnectError(
+            f"{self.url}: no container took over within failover_s={self.failover_s:g} s "
+            f"({type(cause).__name__}: {cause})"
+        )
 
     def _check(self) -> None:
         """One look at the store: is our container still there, and should we move to even the load?"""
@@ -450,7 +412,104 @@ class FailoverClient:
         elif self._move_to is None and time.monotonic() >= self._settle_until:
             self._move_to = rebalance_target(entries, cid)
 
-    # -- calls -----------------------------------------------------------------------------------
+    def _still_serving(self) -> bool:
+        """Whether our container's entry is fresh (a timeout is then the container's answer)."""
+        try:
+            return _fresh(self.store.get(self.container_id), self.max_age_s, time.time())
+        except Exception:  # noqa: BLE001
+            return False
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        if self.client is None:
+            raise ProtocolError("not connected")
+        return self.client.metadata
+
+    @property
+    def policy_metadata(self) -> Any:
+        return self.client.policy_metadata
+
+    @property
+    def last_reply_bytes(self) -> int:
+        return int(getattr(self.client, "last_reply_bytes", 0) or 0)
+
+    @property
+    def target(self) -> str | None:
+        """The URL of the container this client currently talks to."""
+        return None if self.client is None else self.client.url
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url} -> {self.target}>"
+
+
+RETRYABLE = (ConnectError, ConnectionLost, RequestTimeout)
+
+
+class FailoverClient(_FailoverState):
+    """The sync ``modal://`` client (what ``connect()`` returns for the portals); see :class:`_FailoverState`."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _connect_to(self, found: tuple[str, dict[str, Any], dict[str, Any] | None]) -> None:
+        from . import connect
+
+        target, extra, entry = found
+        try:
+            client = connect(target, **self._options_for(extra))
+        except RETRYABLE:
+            self._exclude(None if entry is None else entry.get("container_id"))
+            raise
+        self._drop()
+        self._adopt(client, entry)
+
+    def _move(self) -> None:
+        """Rebalance: connect to the chosen container first, then let go of the current one."""
+        target, self._move_to = self._move_to, None
+        try:
+            self._connect_to(self._resolve(pin=target))
+            self.moves += 1
+        except RETRYABLE:
+            pass  # stay where we are
+
+    def _reconnect(self, deadline: float, cause: BaseException | None, *, first: bool = False) -> None:
+        """Resolve and connect until it works or ``deadline`` (monotonic) passes.
+
+        ``first`` (the initial connect): an empty or unreadable store is an error at once; only a chosen
+        container that refuses is retried (with another one).
+        """
+        self._drop()
+        delay = 0.02
+        while True:
+            try:
+                self._connect_to(self._resolve())
+                return
+            except RETRYABLE as exc:
+                if first and not self._excluded:
+                    raise
+                cause = exc
+            if time.monotonic() + delay > deadline:
+                raise self._gave_up(cause) from cause
+            self._stop.wait(delay)  # back off between store reads
+            delay = min(0.5, delay * 2)
+
+    def connect(self) -> FailoverClient:
+        if self.client is None:
+            self._reconnect(time.monotonic() + self.failover_s, None, first=True)
+        if self._watcher is None and self.watch_s > 0:
+            self._watcher = threading.Thread(target=self._watch, name="pi0remote-failover", daemon=True)
+            self._watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.watch_s):
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - the store is unreachable: keep the connection we have
+                continue
+
     def _call(self, fn: Callable[[Any], Any]) -> Any:
         if self._moved or self.client is None:
             self._exclude(self.container_id if self._moved else None)
@@ -464,7 +523,7 @@ class FailoverClient:
             except (ConnectionLost, ConnectError) as exc:
                 cause: BaseException = exc
             except RequestTimeout as exc:
-                if _fresh(self._entry_now(), self.max_age_s, time.time()):
+                if self._still_serving():
                     raise  # the container is alive, just slow: its answer is a timeout
                 cause = exc
             if deadline is not None and time.monotonic() > deadline:
@@ -474,12 +533,6 @@ class FailoverClient:
             self.failovers += 1
             self._reconnect(deadline, cause)
 
-    def _entry_now(self) -> Any:
-        try:
-            return self.store.get(self.container_id)
-        except Exception:  # noqa: BLE001
-            return None
-
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         reply = self._call(lambda c: c.infer(obs))
         self.calls += 1
@@ -487,21 +540,6 @@ class FailoverClient:
 
     def reset(self) -> None:
         self._call(lambda c: c.reset())
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        if self.client is None:
-            raise ProtocolError("not connected")
-        return self.client.metadata
-
-    @property
-    def policy_metadata(self) -> Any:
-        return self.client.policy_metadata
-
-    @property
-    def target(self) -> str | None:
-        """The URL of the container this client currently talks to."""
-        return None if self.client is None else self.client.url
 
     def _drop(self) -> None:
         client, self.client = self.client, None
@@ -523,8 +561,134 @@ class FailoverClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"<FailoverClient {self.url} -> {self.target}>"
+
+class AsyncFailoverClient(_FailoverState):
+    """The async twin (what ``aconnect()`` returns for the portals): the same rules; store reads run in a
+    worker thread, the watcher is a task on the caller's loop."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._watcher: asyncio.Task | None = None
+
+    async def _connect_to(self, found: tuple[str, dict[str, Any], dict[str, Any] | None]) -> None:
+        from . import aconnect
+
+        target, extra, entry = found
+        try:
+            client = await aconnect(target, **self._options_for(extra))
+        except RETRYABLE:
+            self._exclude(None if entry is None else entry.get("container_id"))
+            raise
+        await self._drop()
+        self._adopt(client, entry)
+
+    async def _reconnect(self, deadline: float, cause: BaseException | None, *, first: bool = False) -> None:
+        await self._drop()
+        delay = 0.02
+        while True:
+            try:
+                await self._connect_to(await asyncio.to_thread(self._resolve))
+                return
+            except RETRYABLE as exc:
+                if first and not self._excluded:
+                    raise
+                cause = exc
+            if time.monotonic() + delay > deadline:
+                raise self._gave_up(cause) from cause
+            await asyncio.sleep(delay)  # back off between store reads
+            delay = min(0.5, delay * 2)
+
+    async def connect(self) -> AsyncFailoverClient:
+        if self.client is None:
+            await self._reconnect(time.monotonic() + self.failover_s, None, first=True)
+        if self._watcher is None and self.watch_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_s)
+            try:
+                await asyncio.to_thread(self._check)
+            except Exception:  # noqa: BLE001 - the store is unreachable: keep the connection we have
+                continue
+
+    async def _call(self, fn: Callable[[Any], Any]) -> Any:
+        if self._moved or self.client is None:
+            self._exclude(self.container_id if self._moved else None)
+            await self._reconnect(time.monotonic() + self.failover_s, None)
+        elif self._move_to is not None:
+            target, self._move_to = self._move_to, None
+            with contextlib.suppress(*RETRYABLE):
+                await self._connect_to(await asyncio.to_thread(self._resolve, target))
+                self.moves += 1
+        deadline = None
+        while True:
+            try:
+                return await fn(self.client)
+            except (ConnectionLost, ConnectError) as exc:
+                cause: BaseException = exc
+            except RequestTimeout as exc:
+                if await asyncio.to_thread(self._still_serving):
+                    raise
+                cause = exc
+            if deadline is not None and time.monotonic() > deadline:
+                raise cause
+            deadline = deadline or time.monotonic() + self.failover_s
+            self._exclude(self.container_id)
+            self.failovers += 1
+            await self._reconnect(deadline, cause)
+
+    async def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
+        reply = await self._call(lambda c: c.infer(obs))
+        self.calls += 1
+        return reply
+
+    async def reset(self) -> None:
+        await self._call(lambda c: c.reset())
+
+    async def _drop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        await self._drop()
+
+    async def __aenter__(self) -> AsyncFailoverClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _failover_options(url: str, modal_store: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The failover client's settings for ``url``, or None where a plain client is returned."""
+    _, transport, opts = parse_modal_url(url)
+    failover_s = float(opts.get("failover_s", DEFAULT_FAILOVER_S))
+    if transport not in PORTAL_TRANSPORTS or failover_s <= 0:
+        return None
+    return {
+        "modal_store": modal_store,
+        "failover_s": failover_s,
+        "watch_s": float(opts.get("watch_s", DEFAULT_WATCH_S)),
+        "rebalance": opts.get("rebalance", "1").lower() not in ("0", "false", "no", "off"),
+        "options": options,
+    }
+
+
+def _plain(url: str, modal_store: Any, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    target, extra = resolve_modal_url(url, modal_store)
+    for key, value in extra.items():
+        if options.get(key) is None:
+            options[key] = value
+    return target, options
 
 
 def connect_modal(url: str, *, modal_store: Any = None, **options: Any) -> Any:
@@ -532,27 +696,28 @@ def connect_modal(url: str, *, modal_store: Any = None, **options: Any) -> Any:
     ``?failover_s=0``; an ordinary client for the web transports (Modal routes those itself)."""
     from . import connect
 
-    _, transport, opts = parse_modal_url(url)
-    failover_s = float(opts.get("failover_s", DEFAULT_FAILOVER_S))
-    if transport in PORTAL_TRANSPORTS and failover_s > 0:
-        client = FailoverClient(
-            url,
-            modal_store=modal_store,
-            failover_s=failover_s,
-            watch_s=float(opts.get("watch_s", DEFAULT_WATCH_S)),
-            rebalance=opts.get("rebalance", "1").lower() not in ("0", "false", "no", "off"),
-            options=options,
-        )
-        return client.connect()
-    target, extra = resolve_modal_url(url, modal_store)
-    for key, value in extra.items():
-        if options.get(key) is None:
-            options[key] = value
+    settings = _failover_options(url, modal_store, options)
+    if settings is not None:
+        return FailoverClient(url, **settings).connect()
+    target, options = _plain(url, modal_store, options)
     return connect(target, **options)
 
 
+async def aconnect_modal(url: str, *, modal_store: Any = None, **options: Any) -> Any:
+    """Async twin of :func:`connect_modal` (an :class:`AsyncFailoverClient` for the portals)."""
+    from . import aconnect
+
+    settings = _failover_options(url, modal_store, options)
+    if settings is not None:
+        return await AsyncFailoverClient(url, **settings).connect()
+    target, options = _plain(url, modal_store, options)
+    return await aconnect(target, **options)
+
+
 __all__ = [
+    "AsyncFailoverClient",
     "FailoverClient",
+    "aconnect_modal",
     "choose_entry",
     "rebalance_target",
     "connect_modal",

@@ -75,20 +75,20 @@ class FleetConfig:
 
 
 def add_fleet_args(parser: argparse.ArgumentParser) -> None:
+    """``bench``'s fleet flags (``--clients N`` is the number of robots)."""
     g = parser.add_argument_group("fleet (--fleet K: K local containers, a dict store, loopback portals)")
     g.add_argument(
-        "--fleet", type=int, default=0, metavar="K", help="start K local containers; robots = --clients"
+        "--fleet", type=int, default=0, metavar="K", help="start K local containers; robots: --clients"
     )
     g.add_argument(
         "--kill-one-at", type=float, default=None, metavar="S", help="SIGKILL the busiest container S s in"
     )
+    g.add_argument("--fleet-duration", type=float, default=10.0, metavar="S", help="seconds the robots run")
+    g.add_argument("--fleet-max-batch", type=int, default=8, metavar="N", help="each container's --max-batch")
+    g.add_argument("--failover-s", type=float, default=10.0, metavar="S", help="the robots' ?failover_s=")
     g.add_argument(
-        "--fleet-duration", type=float, default=10.0, metavar="S", help="measured seconds (default 10)"
-    )
-    g.add_argument("--fleet-max-batch", type=int, default=8, help="each container's --max-batch (default 8)")
-    g.add_argument("--failover-s", type=float, default=10.0, help="the robots' ?failover_s= (default 10)")
-    g.add_argument(
-        "--baseline-s", type=float, default=3.0, help="seconds measuring one unbatched container first (0: skip)"
+        "--baseline-s", type=float, default=3.0, metavar="S",
+        help="seconds measuring one unbatched container first (0: skip)",
     )  # fmt: skip
 
 

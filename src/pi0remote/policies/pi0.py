@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..rtc import parse_rtc
 from .pi0_checkpoint import OpenpiPi0Policy, load_openpi_policy
 from .pi0_common import (
     ALOHA_ACTION_DIM,
@@ -53,10 +54,13 @@ __all__ = [
     "OpenpiPi0Policy",
     "RandomWeightsPi0Policy",
     "make_pi0_policy",
+    "parse_rtc",
 ]
 
 
-def _checkpoint_policy(config: str, checkpoint: str, num_steps: int, prompt: str | None, exact: bool) -> Any:
+def _checkpoint_policy(
+    config: str, checkpoint: str, num_steps: int, prompt: str | None, exact: bool, rtc_options: dict[str, Any]
+) -> Any:
     policy, extra = load_openpi_policy(
         config=config, checkpoint=checkpoint, num_steps=num_steps, prompt=prompt
     )
@@ -65,7 +69,9 @@ def _checkpoint_policy(config: str, checkpoint: str, num_steps: int, prompt: str
             logger.warning("pi0: a PyTorch checkpoint has no fast path; serving openpi's steps (--exact)")
         else:
             try:
-                return FastPi0Policy(policy, extra=extra, num_steps=num_steps, default_prompt=prompt)
+                return FastPi0Policy(
+                    policy, extra=extra, num_steps=num_steps, default_prompt=prompt, **rtc_options
+                )
             except FastPathUnsupported as exc:
                 logger.warning(
                     "pi0: no fast path for this config (%s); serving openpi's steps (--exact)", exc
@@ -90,8 +96,9 @@ def make_pi0_policy(
     ``~/.cache/openpi`` by default). ``exact``: openpi's own ``Policy.infer`` steps instead of the fast path.
     ``random_weights``: same model, random bf16 weights, fixed prompt ids. ``num_steps``: flow-matching steps.
     ``prompt``: default prompt when a request carries none. ``max_batch``: the server's batch limit;
-    ``warmup()`` then compiles every padded size up to it. Other options are ignored, except ``seed`` and
-    ``image_slots`` for random weights.
+    ``warmup()`` then compiles every padded size up to it. ``rtc_beta`` / ``rtc_schedule``: real-time chunking
+    on the fast path (``--rtc-beta``, ``--rtc-schedule``; the other paths answer ``rtc`` with
+    ``InvalidInputError``). Other options are ignored, except ``seed`` and ``image_slots`` for random weights.
     """
     config = config or DEFAULT_CONFIG
     num_steps = 10 if num_steps is None else int(num_steps)
@@ -110,7 +117,8 @@ def make_pi0_policy(
         )
     else:
         checkpoint = checkpoint or DEFAULT_CHECKPOINT_BASE + config
-        policy = _checkpoint_policy(config, checkpoint, num_steps, prompt, bool(exact))
+        rtc_options = {k: options[k] for k in ("rtc_beta", "rtc_schedule") if options.get(k) is not None}
+        policy = _checkpoint_policy(config, checkpoint, num_steps, prompt, bool(exact), rtc_options)
     policy.set_max_batch(options.get("max_batch"))
     return policy
 

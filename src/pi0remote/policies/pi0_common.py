@@ -196,10 +196,13 @@ class _Pi0Base:
             "policy_timing": {"preprocess_ms": pre, "device_ms": dev, "postprocess_ms": post},
         }
 
-    @staticmethod
-    def _validate(obs: Any) -> None:
-        """The canonical pair, plus any extra camera a request carries: CHW uint8 like ``cam_high``."""
+    def _validate(self, obs: Any) -> None:
+        """The canonical pair, plus any extra camera a request carries: CHW uint8 like ``cam_high``; ``rtc``
+        only where the metadata declares it (never silently unguided)."""
+        from ..rtc import check_supported
+
         validate_obs(obs, CANONICAL_INPUT_SPEC)
+        check_supported(obs, self.metadata.extra)
         for cam in OPTIONAL_CAMERAS:
             img = obs.get(cam)
             if img is None:

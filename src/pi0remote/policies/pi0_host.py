@@ -56,6 +56,7 @@ class HostInputs:
     token_mask: np.ndarray  # bool [max_token_len]
     frames: dict[str, np.ndarray]  # request camera -> uint8 CHW
     prefix: np.ndarray | None = None  # float32 [n, action_dim], model space (RTC)
+    rtc: Any = None  # the request's parsed pi0remote.rtc.RtcRequest
 
 
 def _probe(index: int) -> np.ndarray:
@@ -136,8 +137,10 @@ class HostPlan:
         self._layouts[present] = layout
         return layout
 
-    def inputs(self, obs: dict[str, Any], prompt: str | None, prefix: np.ndarray | None = None) -> HostInputs:
-        """Run openpi's transforms on one (validated) request, with probes in place of its frames."""
+    def inputs(self, obs: dict[str, Any], prompt: str | None, rtc: Any = None) -> HostInputs:
+        """Run openpi's transforms on one (validated) request, with probes in place of its frames; an RTC
+        request's prefix goes through them as training ``actions`` (into model space)."""
+        prefix = None if rtc is None else rtc.prefix
         present = tuple(c for c in CAMERAS if isinstance(obs.get(c), np.ndarray))
         data: dict[str, Any] = {"images": {c: self._probes[c] for c in present}, "state": obs["state"]}
         if prompt is not None:
@@ -154,7 +157,36 @@ class HostPlan:
             token_mask=np.asarray(out["tokenized_prompt_mask"], bool),
             frames={c: obs[c] for c in present},
             prefix=None if prefix is None else np.asarray(out["actions"], np.float32),
+            rtc=rtc,
         )
+
+    def affine_outputs(
+        self, state: np.ndarray, horizon: int, model_dim: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scale, offset) float32 [H, A] when openpi's output transforms map a model chunk x to
+        ``x[:, :A] * scale + offset`` whatever the state (as Unnormalize + ALOHA's outputs do), checked on
+        random chunks and two states; None otherwise (then :meth:`outputs` runs on the host per chunk)."""
+        rng = np.random.default_rng(0)
+        states = (np.asarray(state, np.float32), rng.uniform(-1, 1, np.shape(state)).astype(np.float32))
+
+        def f(s: np.ndarray, x: np.ndarray) -> np.ndarray:
+            out = self.output_transform({"state": s.copy(), "actions": x.copy()})
+            return np.asarray(out["actions"], np.float64)
+
+        try:
+            offset = f(states[0], np.zeros((horizon, model_dim), np.float32))
+            scale = f(states[0], np.ones((horizon, model_dim), np.float32)) - offset
+            if offset.ndim != 2 or offset.shape[0] != horizon or offset.shape[1] > model_dim:
+                return None
+            a = offset.shape[1]
+            for s in states:
+                x = rng.standard_normal((horizon, model_dim)).astype(np.float32)
+                want = x[:, :a].astype(np.float64) * scale + offset
+                if not np.allclose(f(s, x), want, rtol=1e-9, atol=1e-9):
+                    return None
+        except Exception:  # noqa: BLE001 - any transform that cannot take the probe keeps the host step
+            return None
+        return scale.astype(np.float32), offset.astype(np.float32)
 
     def outputs(self, state: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """openpi's output transforms on one chunk (model space -> robot units), as float32."""

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from .base import CANONICAL_INPUT_SPEC, validate_obs
 from .pi0_common import (
     ALOHA_ACTION_DIM,
     DEFAULT_CONFIG,
@@ -203,7 +202,7 @@ class RandomWeightsPi0Policy(_Pi0Base):
             return []
         t0 = time.perf_counter()
         for obs in batch:
-            validate_obs(obs, CANONICAL_INPUT_SPEC)
+            self._validate(obs)
         size = _bucket(n)
         if n == 1:
             cam = batch[0]["cam_high"][np.newaxis]

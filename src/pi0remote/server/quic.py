@@ -544,16 +544,8 @@ def _bind_udp(host: str, port: int, buffer_bytes: int) -> tuple[socket.socket, i
     return sock, granted
 
 
-async def start_quic_listeners(server: Any) -> list[str]:
-    """Open the ``quic`` (UDP) and/or ``quic+tcp`` listeners of ``server`` (a :class:`QuicListeners`)."""
-    from . import _host_for_url
-
-    loop = asyncio.get_running_loop()
-    options = dict(server.quic_options)
-    udp_datagram = qc.check_datagram_size(options.get("max_datagram_size"), qc.DEFAULT_UDP_DATAGRAM)
-    tcp_datagram = qc.check_datagram_size(options.get("tcp_max_datagram_size"), qc.DEFAULT_TCP_DATAGRAM)
-    buffer_bytes = int(options.get("udp_buffer_bytes", qc.UDP_BUFFER_BYTES))
-
+def _identity(server: Any) -> tuple[Any, list[Any], Any]:
+    """The certificate, chain and key (``server.cert`` or a self-signed one); prints the fingerprint."""
     if server.cert:
         certificate, chain, key = qc.load_cert_and_key(server.cert, server.key)
     else:
@@ -562,45 +554,66 @@ async def start_quic_listeners(server: Any) -> list[str]:
     fp = qc.fingerprint(certificate)
     server.core.set_extra_metadata(quic_fingerprint=fp)
     print(f"quic fingerprint sha256:{fp}", flush=True)
+    return certificate, chain, key
 
-    opts = server.listener_kwargs()
-    want_udp = "quic" in server.transports
-    want_tcp = "quic+tcp" in server.transports
-    host = _host_for_url(server.host)
-    urls: list[str] = []
 
-    udp_sock: socket.socket | None = None
-    tcp_server: asyncio.AbstractServer | None = None
+def _udp_socket(server: Any, port: int, buffer_bytes: int) -> socket.socket:
+    sock, granted = _bind_udp(server.host, port, buffer_bytes)
+    server.quic_udp_buffer = granted
+    if granted < buffer_bytes:  # Linux reports twice the usable size, so this is under half
+        print(
+            f"quic warning: UDP receive buffer is {granted} bytes, asked for {buffer_bytes}; "
+            "raise net.core.rmem_max or expect drops on large requests",
+            flush=True,
+        )
+    return sock
+
+
+async def _bind(
+    server: Any, want_udp: bool, make_tcp: Any, buffer_bytes: int
+) -> tuple[socket.socket | None, asyncio.AbstractServer | None, int]:
+    """The UDP socket and/or TCP server on one port number (port 0: one free for both)."""
+    loop = asyncio.get_running_loop()
     port = server.quic_port
+    for attempt in range(20):
+        udp_sock = _udp_socket(server, port, buffer_bytes) if want_udp else None
+        if udp_sock is not None:
+            port = udp_sock.getsockname()[1]
+        if make_tcp is None:
+            return udp_sock, None, port
+        try:
+            tcp_server = await loop.create_server(make_tcp, server.host, port)
+        except OSError:
+            if udp_sock is not None:
+                udp_sock.close()
+                if server.quic_port == 0 and attempt < 19:
+                    port = 0
+                    continue
+            raise
+        return udp_sock, tcp_server, tcp_server.sockets[0].getsockname()[1]
+    raise OSError("no port number free for both UDP and TCP")
+
+
+async def start_quic_listeners(server: Any) -> list[str]:
+    """Open the ``quic`` (UDP) and/or ``quic+tcp`` listeners of ``server`` (a :class:`QuicListeners`)."""
+    from . import _host_for_url
+
+    options = dict(server.quic_options)
+    udp_datagram = qc.check_datagram_size(options.get("max_datagram_size"), qc.DEFAULT_UDP_DATAGRAM)
+    tcp_datagram = qc.check_datagram_size(options.get("tcp_max_datagram_size"), qc.DEFAULT_TCP_DATAGRAM)
+    buffer_bytes = int(options.get("udp_buffer_bytes", qc.UDP_BUFFER_BYTES))
+    certificate, chain, key = _identity(server)
+    opts = server.listener_kwargs()
+    host = _host_for_url(server.host)
     registry: set[TcpQuicProtocol] = set()
     tcp_config = _server_configuration(server, certificate, chain, key, tcp_datagram)
-    for attempt in range(20):  # port 0: find a number free for both UDP and TCP
-        if want_udp:
-            udp_sock, granted = _bind_udp(server.host, port, buffer_bytes)
-            port = udp_sock.getsockname()[1]
-            server.quic_udp_buffer = granted
-            if granted < buffer_bytes:  # Linux reports twice the usable size, so this is under half
-                print(
-                    f"quic warning: UDP receive buffer is {granted} bytes, asked for {buffer_bytes}; "
-                    "raise net.core.rmem_max or expect drops on large requests",
-                    flush=True,
-                )
-        if want_tcp:
-            try:
-                tcp_server = await loop.create_server(
-                    lambda: TcpQuicProtocol(server.core, tcp_config, opts, registry), server.host, port
-                )
-            except OSError:
-                if udp_sock is not None and server.quic_port == 0 and attempt < 19:
-                    udp_sock.close()
-                    udp_sock, port = None, 0
-                    continue
-                if udp_sock is not None:
-                    udp_sock.close()
-                raise
-            port = tcp_server.sockets[0].getsockname()[1]
-        break
-
+    make_tcp = (
+        (lambda: TcpQuicProtocol(server.core, tcp_config, opts, registry))
+        if "quic+tcp" in server.transports
+        else None
+    )
+    udp_sock, tcp_server, port = await _bind(server, "quic" in server.transports, make_tcp, buffer_bytes)
+    urls: list[str] = []
     if udp_sock is not None:
         udp_config = _server_configuration(server, certificate, chain, key, udp_datagram)
         listener = UdpQuicListener(server.core, udp_sock, udp_config, opts)

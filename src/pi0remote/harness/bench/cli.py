@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   pi0remote bench --policy sleep:26 --netem delay=150ms,jitter=10ms,loss=0.1%,rate=50mbit
   pi0remote bench --url tcp://gpu-box:8765 --url ws://gpu-box:8000/ws --n 200 --token-file tok.txt
   pi0remote bench --clients 8 --policy sleep:24+8.9 --max-batch 8
+  pi0remote bench --clients 16 --url modal://pi0remote/tcp         # robots spread over a Modal fleet
+  pi0remote bench --fleet 4 --clients 32 --kill-one-at 5 --json    # a local fleet, one container killed
 """
 
 

@@ -72,9 +72,9 @@ def _init_params(width: int, action_dim: int) -> dict[str, np.ndarray]:
         "wk": w(width, width),
         "wv": w(width, width),
         "state": w(action_dim, width),
-        "action_in": w(action_dim, width),
+        "action_in": w(action_dim, width, scale=0.1),
         "freq": np.linspace(0.5, 4.0, width).astype(np.float32),
-        "out": w(width, action_dim),
+        "out": w(width, action_dim, scale=0.1),
     }
 
 
