@@ -32,6 +32,7 @@ JAX (and the weights' format, numpy ``.npz``) are imported only when the policy 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,7 @@ class FlowPolicy:
         self.weights_path = str(path)
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
+        self._lock = threading.Lock()  # the noise generator is shared by every caller
         info = getattr(self.model, "info", {})
         self.metadata = PolicyMetadata(
             name="flow",
@@ -379,13 +381,15 @@ class FlowPolicy:
         cube = np.zeros((size, 2), np.float32)
         for i, (s, c) in enumerate(parsed):
             state[i], cube[i] = s, c
-        noise = self._rng.standard_normal((size, HORIZON, ACTION_DIM), dtype=np.float32)
+        with self._lock:
+            noise = self._rng.standard_normal((size, HORIZON, ACTION_DIM), dtype=np.float32)
         actions = self.model.sample_actions(self.model.condition(state, cube), noise)
         return [{"action": np.ascontiguousarray(actions[i])} for i in range(n)]
 
     def reset(self) -> None:
         """Re-seed the noise, so an episode's samples do not depend on the episodes before it."""
-        self._rng = np.random.default_rng(self.seed)
+        with self._lock:
+            self._rng = np.random.default_rng(self.seed)
 
 
 def make_flow_policy(weights: str | None = None, **options: Any) -> FlowPolicy:
