@@ -24,6 +24,10 @@ Pieces guided sampling (RTC, :mod:`pi0remote.rtc`) plugs into:
 * :class:`FlowPolicy` holds a :class:`FlowModel` (``.model.params``, ``.model.normalizer``,
   ``.model.velocity_fn(cond)``), the noise generator (seeded; ``reset()`` re-seeds it) and the
   request parsing; ``infer_batch`` runs one batched sample, padded to a power of two.
+* Real-time chunking: the policy declares ``"rtc": true``; a request's ``rtc`` field (docs/rtc.md) is
+  honoured by :class:`pi0remote.rtc.FlowGuidance` over :func:`conditioned_velocity`, per sample in the
+  same batched call (prefix into model space through ``Normalizer.to_model``); ``rtc_beta`` and
+  ``rtc_schedule`` (``--rtc-beta``, ``--rtc-schedule``) set the guidance.
 
 JAX (and the weights' format, numpy ``.npz``) are imported only when the policy is built; without
 ``pip install 'pi0remote[flow]'`` building it raises :class:`FlowNotInstalledError`.
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import rtc
 from ..errors import InvalidInputError
 from .base import CANONICAL_INPUT_SPEC, PolicyMetadata
 
@@ -145,6 +150,12 @@ def velocity(params: dict[str, Any], x_t: Any, t: Any, cond: Any) -> Any:
     jnp = import_jax().numpy
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
     return (x_t - denoise(params, x_t, t, cond)) / jnp.maximum(t, 1e-3)[:, None, None]
+
+
+def conditioned_velocity(cond: tuple[Any, Any], x_t: Any, t: Any) -> Any:
+    """:func:`velocity` in the form :class:`pi0remote.rtc.FlowGuidance` takes: ``cond = (params, features)``."""
+    params, features = cond
+    return velocity(params, x_t, t, features)
 
 
 def sample(params: dict[str, Any], cond: Any, noise: Any, num_steps: int = NUM_STEPS) -> Any:
@@ -348,7 +359,10 @@ def _bucket(n: int) -> int:
 class FlowPolicy:
     """The ``flow`` policy (``--policy flow`` or ``--policy flow:PATH``); see the module docstring."""
 
-    def __init__(self, weights: str | Path | None = None, seed: int = 0, num_steps: int = NUM_STEPS) -> None:
+    def __init__(
+        self, weights: str | Path | None = None, seed: int = 0, num_steps: int = NUM_STEPS,
+        rtc_beta: float = rtc.DEFAULT_BETA, rtc_schedule: str = rtc.DEFAULT_SCHEDULE,
+    ) -> None:  # fmt: skip
         path = Path(weights) if weights else default_weights_path()
         self.model = FlowModel.load(path, num_steps)
         self.weights_path = str(path)
@@ -356,6 +370,10 @@ class FlowPolicy:
         self._rng = np.random.default_rng(self.seed)
         self._lock = threading.Lock()  # the noise generator is shared by every caller
         info = getattr(self.model, "info", {})
+        self.guidance = rtc.FlowGuidance(
+            conditioned_velocity, num_steps=self.model.num_steps, horizon=HORIZON, action_dim=ACTION_DIM,
+            beta=rtc_beta, schedule=rtc_schedule,
+        )  # fmt: skip
         self.metadata = PolicyMetadata(
             name="flow",
             input_spec={"state": CANONICAL_INPUT_SPEC["state"]},
@@ -368,6 +386,7 @@ class FlowPolicy:
                 "uses_camera": False, "num_steps": self.model.num_steps,
                 "time_convention": "openpi: t=1 noise -> t=0 data, dt=-1/num_steps",
                 "weights": path.name, "trained": info.get("recipe", {}),
+                **self.guidance.metadata_extra,
             },
         )  # fmt: skip
 
@@ -376,6 +395,7 @@ class FlowPolicy:
 
     def infer_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         parsed = [parse_request(obs) for obs in batch]
+        requests = self.guidance.parse(batch)  # real-time chunking: per-sample prefix and d (or None)
         n, size = len(parsed), _bucket(len(parsed))
         state = np.zeros((size, STATE_DIM), np.float32)
         cube = np.zeros((size, 2), np.float32)
@@ -383,8 +403,14 @@ class FlowPolicy:
             state[i], cube[i] = s, c
         with self._lock:
             noise = self._rng.standard_normal((size, HORIZON, ACTION_DIM), dtype=np.float32)
-        actions = self.model.sample_actions(self.model.condition(state, cube), noise)
-        return [{"action": np.ascontiguousarray(actions[i])} for i in range(n)]
+        cond = self.model.condition(state, cube)
+        if any(r is not None for r in requests):
+            norm = self.model.normalizer
+            x = self.guidance.sample((self.model.params, cond), noise, requests, to_model=norm.to_model)
+            actions = norm.to_robot(np.asarray(x))
+        else:
+            actions = self.model.sample_actions(cond, noise)
+        return self.guidance.replies(actions[:n], requests)
 
     def reset(self) -> None:
         """Re-seed the noise, so an episode's samples do not depend on the episodes before it."""
@@ -394,4 +420,5 @@ class FlowPolicy:
 
 def make_flow_policy(weights: str | None = None, **options: Any) -> FlowPolicy:
     """Factory behind ``load_policy("flow")`` / ``load_policy("flow:PATH")``."""
-    return FlowPolicy(weights=weights, **{k: v for k, v in options.items() if k in ("seed", "num_steps")})
+    keep = ("seed", "num_steps", "rtc_beta", "rtc_schedule")
+    return FlowPolicy(weights=weights, **{k: v for k, v in options.items() if k in keep})

@@ -260,7 +260,7 @@ class HttpProtocol(asyncio.Protocol):
         """Parse the next head out of the buffer; False when there is none yet (or it was refused)."""
         if not self.buf:
             return False
-        if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so: fail fast
+        if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so (a TCP frame, TLS): fail fast
             self._respond_error(400, _not_http(self.buf), close=True)
             return False
         self._arm_head_timer()

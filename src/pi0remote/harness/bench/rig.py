@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ... import protocol
-from ...options import ClientOptions
+from ...errors import Pi0RemoteError
+from ...options import ClientOptions, naming_url
 from ..percentiles import percentile
 from .config import (
     ALL_TRANSPORTS,
@@ -158,7 +159,13 @@ class Measured:
     def call(self, payload: Payload, t_origin: float, keep: bool) -> None:
         t0 = time.perf_counter()
         obs, prep_ms = payload.prepare()
-        reply = self.client.infer(obs)
+        try:
+            reply = self.client.infer(obs)
+        except Pi0RemoteError as exc:
+            named = naming_url(exc, self.url)
+            if named is exc:
+                raise
+            raise named from exc
         if keep:
             self.samples.append(
                 call_record(reply, prep_ms, t0 - t_origin, getattr(self.client, "last_reply_bytes", 0))
