@@ -181,6 +181,23 @@ def test_a_client_that_never_reads_its_replies_is_dropped() -> None:
         sock.close()
 
 
+def test_openpi_listener_is_bounded_too() -> None:
+    from websockets.sync.client import connect as ws_connect
+
+    from pi0remote.server.openpi_ws import openpi_packb
+
+    limits = {"max_connections_per_ip": 4}
+    with BackgroundServer(A.TrapPolicy(), openpi_port=0, limits=limits) as srv:
+        addr = _addr(srv, "openpi")
+        socks, _ = A.open_many(addr, 6)
+        assert A.count_closed(socks, wait=1.0) == 2
+        A.close_all(socks)
+        with ws_connect(f"ws://{addr[0]}:{addr[1]}") as ws:
+            ws.recv(timeout=5)  # metadata
+            ws.send(openpi_packb({"images": {"cam_high": [[[300]]]}, "state": [0.0] * 14}))
+            assert "invalid_input" in ws.recv(timeout=5)
+
+
 def test_preauth_byte_budget(trap) -> None:
     with A.attacker_socket(_addr(trap, "tcp")) as sock:
         sock.sendall(struct.pack("!I", 200_000) + bytes(100_000))  # 100 KB before any HELLO
