@@ -390,7 +390,7 @@ class OpenpiConnection(asyncio.Protocol):
         self._flush()
         self.dialect.sent()
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > self.core.limits.max_outbound_bytes:
+        if transport is not None and transport.get_write_buffer_size() > self.core.outbound_cap:
             transport.abort()  # a client that does not read its replies
 
     def _error(self, exc: Exception) -> None:
