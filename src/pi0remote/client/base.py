@@ -25,6 +25,8 @@ class _ClientBase:
         self.session = ClientSession(pump.options, pump)
         self._open = False
         self.calls = 0
+        self.last_reply_bytes = 0
+        """Size of the last reply message (kind byte + body), as the transport carried it."""
 
     @property
     def transport(self) -> BytePump:
@@ -96,6 +98,7 @@ class PolicyClient(_ClientBase):
         raise AssertionError("unreachable")
 
     def _reply(self, data: Any, expected: int) -> dict[str, Any]:
+        self.last_reply_bytes = len(data)
         try:
             return self.session.reply(data, expected)
         except Pi0RemoteError as exc:
@@ -180,6 +183,7 @@ class AsyncPolicyClient(_ClientBase):
         raise AssertionError("unreachable")
 
     async def _reply(self, data: Any, expected: int) -> dict[str, Any]:
+        self.last_reply_bytes = len(data)
         try:
             return self.session.reply(data, expected)
         except Pi0RemoteError as exc:

@@ -147,24 +147,17 @@ def call_record(reply: dict[str, Any], prep_ms: float, t_start: float, reply_byt
 
 
 class Measured:
-    """A connected client plus its samples; counts reply bytes by wrapping the transport."""
+    """A connected client plus its samples (reply sizes from ``client.last_reply_bytes``)."""
 
     def __init__(self, name: str, url: str, client: Any) -> None:
         self.name = name
         self.url = url
         self.client = client
         self.samples: list[dict[str, Any]] = []
-        self._reply_bytes = 0
-        transport = getattr(client, "transport", None)
-        if transport is not None and hasattr(transport, "roundtrip"):
-            inner = transport.roundtrip
 
-            def counted(message: Any) -> Any:
-                kind, body = inner(message)
-                self._reply_bytes = len(body) + 1
-                return kind, body
-
-            transport.roundtrip = counted
+    @property
+    def _reply_bytes(self) -> int:
+        return int(getattr(self.client, "last_reply_bytes", 0) or 0)
 
     def call(self, payload: Payload, t_origin: float, keep: bool) -> None:
         t0 = time.perf_counter()
