@@ -5,6 +5,9 @@
 #                                                      python -m pi0remote.bench over tcp and ws (extra args go to it)
 #   benchmarks/pi0_device.sh model [ARGS...]           time the policy object alone (benchmarks/pi0_model_timing.py)
 #   SERVE_ARGS="--max-batch 8" benchmarks/pi0_device.sh serve --clients 8 --transport tcp   dynamic batching
+#   benchmarks/pi0_device.sh checkpoint                the checkpoint path (benchmarks/pi0_checkpoint.sh): make a
+#                                                      checkpoint in openpi's layout, check fast vs openpi, bench
+#                                                      fast, --exact and openpi's own server in one run
 #
 # Needs, next to the checkout (both git-ignored): .openpi_src/ holding openpi's src/openpi and openpi_client at the
 # commit pinned in docs/pi0.md, and .whl/ holding the pure-Python wheels that machine lacks (jaxtyping==0.2.36,
@@ -21,6 +24,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD/.openpi_src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+
+if [ "${1:-serve}" = checkpoint ]; then
+  shift
+  bash benchmarks/pi0_checkpoint.sh "$@"
+  exit $?
+fi
 
 if [ "${1:-serve}" = model ]; then
   shift

@@ -109,7 +109,7 @@ def connect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> PolicyClient:
+) -> Any:
     """Connect to a policy server and return a ready :class:`PolicyClient`.
 
     ``timeout`` bounds each call (and each connect attempt); ``token`` is sent on every transport.
@@ -118,6 +118,10 @@ def connect(
     this process, as the server does; off unless asked, or ``PI0REMOTE_TUNE_MALLOC=1``). Transport-specific
     ones (``quic_fingerprint``, ...) are listed in the transport's module; an unknown keyword is a TypeError.
     """
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import connect_modal  # resolver choice and failover across containers
+
+        return connect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 1)
     return PolicyClient(pump, url).connect()
 
@@ -129,8 +133,12 @@ async def aconnect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> AsyncPolicyClient:
+) -> Any:
     """Async twin of :func:`connect`."""
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import aconnect_modal  # resolver choice and failover across containers
+
+        return await aconnect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 2)
     return await AsyncPolicyClient(pump, url).connect()  # type: ignore[arg-type]
 

@@ -26,7 +26,7 @@ class _ClientBase:
         self._open = False
         self.calls = 0
         self.last_reply_bytes = 0
-        """Size of the last reply message (kind byte + body), as the transport carried it."""
+        """Size of the last reply message (bytes after framing), for benchmarks."""
 
     @property
     def transport(self) -> BytePump:
@@ -98,7 +98,6 @@ class PolicyClient(_ClientBase):
         raise AssertionError("unreachable")
 
     def _reply(self, data: Any, expected: int) -> dict[str, Any]:
-        self.last_reply_bytes = len(data)
         try:
             return self.session.reply(data, expected)
         except Pi0RemoteError as exc:
@@ -113,6 +112,7 @@ class PolicyClient(_ClientBase):
         t1 = time.perf_counter()
         data = self._receive_after(message)
         t2 = time.perf_counter()
+        self.last_reply_bytes = len(data)
         reply = self._reply(data, protocol.RESULT)
         self.calls += 1
         return add_client_timing(reply, t0, t1, t2, time.perf_counter())
@@ -183,7 +183,6 @@ class AsyncPolicyClient(_ClientBase):
         raise AssertionError("unreachable")
 
     async def _reply(self, data: Any, expected: int) -> dict[str, Any]:
-        self.last_reply_bytes = len(data)
         try:
             return self.session.reply(data, expected)
         except Pi0RemoteError as exc:
@@ -197,6 +196,7 @@ class AsyncPolicyClient(_ClientBase):
         t1 = time.perf_counter()
         data = await self._receive_after(message)
         t2 = time.perf_counter()
+        self.last_reply_bytes = len(data)
         reply = await self._reply(data, protocol.RESULT)
         self.calls += 1
         return add_client_timing(reply, t0, t1, t2, time.perf_counter())

@@ -148,7 +148,7 @@ class _Session:
         Probe timeouts only run while our packets are unacknowledged (never while the server merely
         computes a slow reply), so this is a liveness signal, not a request timeout.
         """
-        if self.connected and self.failure is None and self.quic._loss._pto_count >= DEAD_AFTER_PROBES:
+        if self.connected and self.failure is None and qc.compat.pto_count(self.quic) >= DEAD_AFTER_PROBES:
             self._fail(  # nothing acknowledged: the server never got the whole request
                 RequestNotDelivered(
                     f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts"
@@ -159,9 +159,9 @@ class _Session:
         """The reason once a CONNECTION_CLOSE was sent or received, else None.
 
         aioquic emits ``ConnectionTerminated`` only after draining (three probe timeouts later), so a
-        server's close is read from the connection itself (a private attribute, checked with getattr).
+        server's close is read from the connection itself (``quic_compat.close_event``).
         """
-        event = getattr(self.quic, "_close_event", None)
+        event = qc.compat.close_event(self.quic)
         if event is None:
             return None
         return ConnectionLost(f"QUIC connection to {self.url} closed: {event.reason_phrase or 'closed'}")

@@ -52,6 +52,8 @@ class MessageConnection:
     """
 
     MAX_QUEUED = 8
+    MAX_UNPAUSED = 64
+    """Requests queued on a connection that cannot pause its reading before it is closed."""
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class MessageConnection:
 
     def connection_lost(self) -> None:
         self.closed = True
+        self.core.load.session_closed(self.session)
         self._cancel_timers()
         self._inbox.clear()
 
@@ -189,6 +192,9 @@ class MessageConnection:
                 return
         self._inbox.append(message)
         self.suspend_idle_timer()
+        if self._pause is None and len(self._inbox) > self.MAX_UNPAUSED:
+            self.shutdown()  # a transport that cannot stop reading (QUIC): too many pipelined requests
+            return
         self._update_reading()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())

@@ -115,6 +115,8 @@ class ServerCore:
         )
         self._ready = False
         self._decode_pool: DaemonExecutor | None = None
+        self.load = self.runner.load
+        """Connected robots and recent call counters (server/stats.py), published by a fleet."""
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
         self.transports: set[Any] = set()
@@ -250,6 +252,10 @@ class ServerCore:
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
+        if _payload_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
+            raise RemotePolicyError(
+                f"policy reply exceeds the message limit of {self.max_message_bytes} bytes"
+            )
         try:
             message = protocol.encode_result(reply, timing, started, with_kind=with_kind)
         except CodecError as exc:
@@ -309,6 +315,7 @@ class ServerCore:
             if not self.check_token(body.get("token")):
                 raise AuthenticationError("missing or wrong token")
             session.authenticated = True
+        self.load.session_opened(session)
         return protocol.encode_message(protocol.METADATA, self.metadata())
 
     def handle_now(
@@ -417,6 +424,19 @@ def _declares_action(policy: Any) -> bool:
     """True when the policy states its action shape (its metadata), so replies are checked against it."""
     meta = getattr(policy, "metadata", None)
     return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def _payload_bytes(value: Any, depth: int = 0) -> int:
+    """A lower bound of ``value``'s encoded size: its arrays, bytes and strings (nested maps and lists)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if depth < 4 and isinstance(value, dict):
+        return sum(_payload_bytes(v, depth + 1) for v in value.values())
+    if depth < 4 and isinstance(value, (list, tuple)) and len(value) < 4096:
+        return sum(_payload_bytes(v, depth + 1) for v in value)
+    return 0
 
 
 def has_jpeg(obs: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Stand-in for openpi.policies.policy_config.create_trained_policy, with ALOHA-like transforms."""
+"""Stand-in for openpi.policies.policy_config.create_trained_policy: the transform chain openpi builds for a
+pi0 ALOHA config (same classes, same order), around the stand-in π₀ model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from openpi import transforms as T
+from openpi.models import tokenizer as _tokenizer
+from openpi.policies import aloha_policy
 from openpi.policies import policy as _policy
+from openpi.shared.normalize import NormStats
 
 CREATED: list[dict[str, Any]] = []
 """Every call, for tests to inspect."""
@@ -19,49 +24,15 @@ def _record(data: dict) -> dict:
     return data
 
 
-def _inject_prompt(prompt: str | None):
-    def run(data: dict) -> dict:
-        if prompt is not None and "prompt" not in data:
-            data["prompt"] = np.asarray(prompt)
-        return data
+def norm_stats(dim: int = 14, seed: int = 1) -> dict[str, NormStats]:
+    """Non-trivial statistics (as a trained checkpoint's), so that normalization shows in the actions."""
+    rng = np.random.default_rng(seed)
 
-    return run
+    def one() -> NormStats:
+        mean, std = rng.uniform(-0.5, 0.5, dim), rng.uniform(0.3, 1.2, dim)
+        return NormStats(mean=mean, std=std, q01=mean - 2 * std, q99=mean + 2 * std)
 
-
-def _aloha_inputs(data: dict) -> dict:
-    images = {k: np.transpose(np.asarray(v), (1, 2, 0)) for k, v in data["images"].items()}
-    base = images["cam_high"]
-    out_images = {"base_0_rgb": base}
-    masks = {"base_0_rgb": np.True_}
-    for dest, src in (("left_wrist_0_rgb", "cam_left_wrist"), ("right_wrist_0_rgb", "cam_right_wrist")):
-        out_images[dest] = images.get(src, np.zeros_like(base))
-        masks[dest] = np.True_ if src in images else np.False_
-    out = {"image": out_images, "image_mask": masks, "state": np.asarray(data["state"]) * 2.0}
-    if "prompt" in data:
-        out["prompt"] = data["prompt"]
-    return out
-
-
-def _tokenize(data: dict) -> dict:
-    prompt = data.pop("prompt", None)
-    if prompt is None:
-        raise ValueError("Prompt is required")
-    prompt = prompt if isinstance(prompt, str) else prompt.item()
-    ids = [ord(c) % 251 for c in prompt][:48]
-    tokens = np.zeros(48, np.int32)
-    tokens[: len(ids)] = ids
-    return {**data, "tokenized_prompt": tokens, "tokenized_prompt_mask": tokens != 0}
-
-
-def _pad_state(data: dict) -> dict:
-    state = data["state"]
-    data["state"] = np.pad(state, (0, 32 - state.shape[-1]))
-    return data
-
-
-def _aloha_outputs(data: dict) -> dict:
-    # float64 out, as openpi's AlohaOutputs gives after its joint flips
-    return {"actions": np.asarray(data["actions"][:, :14], np.float64) / 2.0}
+    return {"state": one(), "actions": one()}
 
 
 def create_trained_policy(
@@ -82,18 +53,28 @@ def create_trained_policy(
             "default_prompt": default_prompt,
         }
     )
-    model = _policy.FakePi0(train_config.model.action_horizon, train_config.model.action_dim)
+    model_cfg = train_config.model
+    model = _policy.FakePi0(
+        {"action_horizon": model_cfg.action_horizon, "action_dim": model_cfg.action_dim, "width": 16}
+    )
+    stats = norm_stats if norm_stats is not None else globals()["norm_stats"]()
+    quantiles = train_config.use_quantile_norm
     return _policy.Policy(
         model,
         transforms=[
             _record,
-            _inject_prompt(default_prompt),
-            _aloha_inputs,
-            _inject_prompt(train_config.default_prompt),
-            _tokenize,
-            _pad_state,
+            T.InjectDefaultPrompt(default_prompt),
+            aloha_policy.AlohaInputs(adapt_to_pi=True),
+            T.Normalize(stats, use_quantiles=quantiles),
+            T.InjectDefaultPrompt(train_config.default_prompt),
+            T.ResizeImages(224, 224),
+            T.TokenizePrompt(_tokenizer.PaligemmaTokenizer(model_cfg.max_token_len)),
+            T.PadStatesAndActions(model_cfg.action_dim),
         ],
-        output_transforms=[_aloha_outputs],
+        output_transforms=[
+            T.Unnormalize(stats, use_quantiles=quantiles),
+            aloha_policy.AlohaOutputs(adapt_to_pi=True),
+        ],
         sample_kwargs=sample_kwargs,
         metadata={"config": train_config.name},
     )

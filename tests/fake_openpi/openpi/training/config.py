@@ -17,9 +17,16 @@ class TrainConfig:
     name: str
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     default_prompt: str | None = None
+    use_quantile_norm: bool = False
 
 
-_CONFIGS = {c.name: c for c in [TrainConfig("pi0_aloha_sim", default_prompt="Transfer cube")]}
+_CONFIGS = {
+    c.name: c
+    for c in [
+        TrainConfig("pi0_aloha_sim", default_prompt="Transfer cube"),
+        TrainConfig("pi0_aloha_quantiles", default_prompt="Transfer cube", use_quantile_norm=True),
+    ]
+}
 
 
 def get_config(config_name: str) -> TrainConfig:

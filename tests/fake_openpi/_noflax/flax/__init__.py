@@ -1,0 +1,1 @@
+"""Stand-in for flax (tests only): just ``nnx.split`` / ``nnx.merge`` for the stand-in π₀ model."""
