@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     obs = canonical_obs(0)
-    server_args = ["--policy", "zeros", "--http-port", "0", "--tcp-port", "0", "--transports", "tcp"]
+    server_args = ["--policy", "zeros", "--tcp-port", "0", "--transports", "tcp,quic,quic+tcp"]
     server_args += ["--quic-port", "0", "--quic-max-datagram", "16000"]
     with ServerProcess(server_args) as srv:
         fingerprint = next(

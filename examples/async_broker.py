@@ -7,7 +7,7 @@ request was made at, and the overlap with the previous chunk is blended.
 Run it against a server (here the scripted expert on gym-aloha, which needs ``env_state`` and
 ``step`` in the request; a learned policy such as π₀ would get camera images and joint positions)::
 
-    python -m pi0remote.serve --policy expert --tcp-port 8765 &
+    pi0remote serve --policy expert --tcp-port 8765 &   # TCP only
     python examples/async_broker.py --url tcp://127.0.0.1:8765 --steps 250
 
 or without a server (the policy in this process, behind the same client API)::

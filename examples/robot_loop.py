@@ -1,6 +1,6 @@
 """A minimal robot loop: connect by URL, get a 50-step chunk, execute the first steps, ask again.
 
-    python -m pi0remote.serve --policy zeros --http-port 0 --tcp-port 8765 &   # or a real π₀ server
+    pi0remote serve --policy zeros --tcp-port 8765 &   # TCP only; or a real π₀ server
     python examples/robot_loop.py tcp://127.0.0.1:8765
 
 Replace `read_camera`, `read_joints` and `send_joint_targets` with the robot's own I/O.

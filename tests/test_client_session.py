@@ -38,7 +38,7 @@ class CountingPolicy:
     """Counts executions; ``{"big": True}`` adds 3 KB to the reply, ``{"hold": True}`` waits for a release."""
 
     def __init__(self) -> None:
-        self.metadata = PolicyMetadata(name="count", input_spec={}, action_shape=(1, 14))
+        self.metadata = PolicyMetadata(name="count", input_spec={}, action_shape=(1, 14), action_horizon=1)
         self.calls = 0
         self.lock = threading.Lock()
         self.entered = threading.Event()
@@ -200,6 +200,7 @@ def _swap(url: str, scheme: str, path: str = "") -> str:
         ("tcp", "http", "", "tcp://"),
         ("tcp", "ws", "/ws", "tcp://"),
         ("http", "tcp", "", "http://"),
+        ("http", "ws", "", "ws://"),  # the HTTP port without /ws: a 404, named, not retried
     ],
 )
 def test_transport_mismatch_fails_fast_naming_the_right_url(

@@ -136,6 +136,16 @@ def test_codec_layout_parameter() -> None:
         np.testing.assert_array_equal(back["a"], value["a"])
         assert back["s"] == np.float32(1.5) and back["s"].dtype == np.float32
     assert codec.packb(value) == codec.packb(value, layout="pi0remote")
+    array = value["a"]
+    for layout in ("pi0remote", "openpi"):  # the scatter-gather encoder's head: the codec's layout too
+        packer = codec.new_packer(layout)
+        codec.pack_array_head(packer, array, layout)
+        packer.pack(array.tobytes())
+        np.testing.assert_array_equal(codec.unpackb(packer.bytes()), array)
+    packer = codec.new_packer()
+    codec.pack_array_head(packer, array)
+    packer.pack(array.tobytes())
+    assert packer.bytes() == codec.packb(array)
     with pytest.raises(ValueError, match="layout"):
         codec.new_packer("pickle")
 

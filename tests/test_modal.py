@@ -675,24 +675,26 @@ def _entry(cid: str, started: float, beat: float, **portals: str) -> dict[str, A
     }
 
 
-def test_resolver_picks_newest_live_portal() -> None:
+def test_resolver_picks_a_live_portal_by_load() -> None:
     now = time.time()
     store = {
         "old": _entry("old", now - 3600, now - 2, tcp="old.host:1000"),
         "new": _entry("new", now - 60, now - 1, tcp="new.host:2000", quic_tcp="new.host:2001"),
-        "dead": _entry("dead", now - 10, now - 500, tcp="dead.host:3000"),  # newest start, stale heartbeat
+        "dead": _entry("dead", now - 10, now - 500, tcp="dead.host:3000"),  # stale heartbeat
     }
-    assert (
-        modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=store)[0] == "tcp://new.host:2000"
-    )
+    store["old"]["load"] = {"robots": 6, "capacity": 8, "ready": True}
+    store["new"]["load"] = {"robots": 1, "capacity": 8, "ready": True}
+    for _ in range(5):  # two live candidates: the less loaded one, every time
+        url = modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=store)[0]
+        assert url == "tcp://new.host:2000"
     url, extra = modal_client.resolve_modal_url("modal://pi0remote/quic+tcp", modal_store=store)
     assert url == "quic+tcp://new.host:2001" and extra["quic_fingerprint"] == "ab" * 32
     del store["new"]
     assert (
         modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=store)[0] == "tcp://old.host:1000"
     )
-    # a longer max_age brings the stale one back, and it is the newest
-    url, _ = modal_client.resolve_modal_url("modal://pi0remote/tcp?max_age=1000", modal_store=store)
+    # a longer max_age brings the stale one back (no load published: counts as empty), and pin= picks it
+    url, _ = modal_client.resolve_modal_url("modal://pi0remote/tcp?max_age=1000&pin=dead", modal_store=store)
     assert url == "tcp://dead.host:3000"
 
 
@@ -701,7 +703,7 @@ def test_resolver_fails_clearly() -> None:
     with pytest.raises(ConnectError, match="no container has published"):
         modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store={})
     stale = {"a": _entry("a", now - 900, now - 900, tcp="h:1")}
-    with pytest.raises(ConnectError, match="heartbeat younger than 60 s"):
+    with pytest.raises(ConnectError, match="ready with a heartbeat younger than 60 s"):
         modal_client.resolve_modal_url("modal://pi0remote/tcp", modal_store=stale)
     tcp_only = {"a": _entry("a", now, now, tcp="h:1")}
     with pytest.raises(ConnectError, match="no live quic\\+tcp portal"):

@@ -110,16 +110,12 @@ def test_guided_prefix_approaches_target_tail_untouched(toy):
 def test_larger_beta_matches_tighter(toy):
     velocity, _, eps, target = toy
     errs = []
+    fn = jax.jit(
+        lambda b: rtc.guided_sample(velocity, eps, num_steps=10, prefix=target, prefix_len=jnp.full(3, H),
+                                    delay_steps=jnp.full(3, 4), beta=b)
+    )  # fmt: skip
     for beta in (1.0, 5.0, 20.0):
-        out = rtc.guided_sample(
-            velocity,
-            eps,
-            num_steps=10,
-            prefix=target,
-            prefix_len=jnp.full(3, H),
-            delay_steps=jnp.full(3, 4),
-            beta=beta,
-        )
+        out = fn(beta)  # beta is traced: one compilation
         errs.append(float(jnp.abs(out[:, :4] - target[:, :4]).max()))
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 0.05
@@ -224,7 +220,7 @@ def rtc_field(prefix, d):
     return {"prefix": np.asarray(prefix, np.float32), "delay_steps": d}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "local"])
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http", "local"])
 def test_policy_without_rtc_refuses_the_field_and_keeps_serving(probe_server, transport):
     from conftest import connect_to, make_obs
 
@@ -418,7 +414,7 @@ def test_cli_accepts_the_rtc_strategies():
     parser = build_parser()
     args = [
         "--policy",
-        "flow",
+        "expert",
         "--sweep-latency",
         "0,300",
         "--exec",
@@ -426,15 +422,13 @@ def test_cli_accepts_the_rtc_strategies():
     ]
     assert latency_options(parser, parser.parse_args(args))["strategies"][-1] == "rtc"
     single = latency_options(
-        parser, parser.parse_args(["--policy", "flow", "--latency", "300ms", "--exec", "rtc"])
+        parser, parser.parse_args(["--policy", "expert", "--latency", "300ms", "--exec", "rtc"])
     )
     assert (single["strategy"], single["clock"]) == ("rtc", "realtime")
-    assert split_strategy("async-linear") == ("async", "linear") and split_strategy("rtc") == (
-        "rtc",
-        "latest",
-    )
+    assert split_strategy("async-linear") == ("async", "linear")
+    assert split_strategy("rtc") == ("rtc", "latest")
     with pytest.raises(SystemExit):
-        latency_options(parser, parser.parse_args(["--policy", "flow", "--exec", "rtc-linear"]))
+        latency_options(parser, parser.parse_args(["--policy", "expert", "--exec", "rtc-linear"]))
 
 
 def test_sweep_rtc_against_async_on_the_toy_flow_policy(tmp_path):
@@ -465,3 +459,61 @@ def test_rtc_module_imports_without_jax():
 
     code = "import sys, pi0remote.rtc, pi0remote.serve, pi0remote.broker; assert 'jax' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# ------------------------------------------------------------------ the learned flow policy (issue 15)
+
+
+@pytest.fixture(scope="module")
+def flow_states():
+    """Requests along one blocking flow-policy episode on gym-aloha: (request, chunk it got)."""
+    pytest.importorskip("gym_aloha")
+    flow = pytest.importorskip("pi0remote.policies.flow")
+    from pi0remote.harness.eval import make_request
+    from pi0remote.sim.env import make_env
+
+    policy = flow.FlowPolicy(seed=0)
+    out = []
+    with make_env(render=False, max_steps=200) as env:
+        env.reset(seed=7)
+        env_state = env.env_state()
+        for step in range(0, 150, 25):
+            obs = make_request(env, step, env_state, False)
+            chunk = policy.infer(obs)["action"]
+            out.append((obs, chunk))
+            for action in chunk[:25]:
+                env.step(action)
+    return policy, out
+
+
+@pytest.mark.sim
+def test_flow_policy_guided_head_follows_the_prefix(flow_states):
+    policy, states = flow_states
+    assert policy.metadata.extra["rtc"] is True and policy.metadata.extra["rtc_beta"] == 5.0
+    guided, plain = [], []
+    for (_, previous), (obs, _) in zip(states, states[1:], strict=False):
+        prefix, d = previous[25:], 10  # 25 steps executed, 10 more expected before the new chunk
+        policy.reset()  # guided and plain start from the same noise: a paired comparison
+        reply = policy.infer({**obs, "rtc": rtc_field(prefix, d)})
+        assert reply["rtc"]["delay_steps"] == d and reply["action"].shape == (50, 14)
+        guided.append(reply["rtc"]["prefix_error"])
+        policy.reset()
+        plain.append(float(np.abs(policy.infer(obs)["action"][:d] - prefix[:d]).max()))
+    assert np.median(guided) < np.median(plain)
+
+
+@pytest.mark.sim
+def test_flow_policy_batch_per_sample_rtc_and_options(flow_states):
+    from pi0remote.policies import load_policy
+
+    policy, states = flow_states
+    (_, previous), (obs, _) = states[0], states[1]
+    batch = [{**obs, "rtc": rtc_field(previous[25:], 5)}, obs, {**obs, "rtc": rtc_field(previous[40:], 8)}]
+    replies = policy.infer_batch(batch)
+    assert [("rtc" in r) for r in replies] == [True, False, True]
+    assert [r["rtc"]["delay_steps"] for r in (replies[0], replies[2])] == [5, 8]
+    with pytest.raises(InvalidInputError):
+        policy.infer({**obs, "rtc": rtc_field(previous[25:], 26)})
+    other = load_policy("flow", rtc_beta=2.0, rtc_schedule="linear")
+    assert (other.metadata.extra["rtc_beta"], other.metadata.extra["rtc_schedule"]) == (2.0, "linear")
+    assert other.infer({**obs, "rtc": rtc_field(previous[25:], 5)})["rtc"]["beta"] == 2.0

@@ -40,14 +40,19 @@ EXTRAS: dict[str, str] = {
     "simplejpeg": "harness",
     "PIL": "harness",
     "modal": "modal",
-    "openpi": "pi0",
-    "openpi_client": "pi0",
-    "jax": "pi0",
-    "flax": "pi0",
     "optax": "flow",
     "uvicorn": "dev",
 }
 """Top-level module -> the pyproject extra that installs it."""
+OTHER_FIXES: dict[str, str] = {
+    "openpi": "openpi is not on the package index: install it from git as docs/pi0.md shows",
+    "openpi_client": "pip install openpi-client (it pins numpy<2: use its own virtualenv, docs/openpi.md)",
+    "jax": "install jax (docs/pi0.md for π₀)",
+}
+"""Modules no extra brings, and how to get them."""
+
+
+SCHEME_PORTS = "tcp:// for --tcp-port, http:// or ws://.../ws for --http-port, quic:// for --quic-port"
 
 
 class UsageError(Exception):
@@ -60,10 +65,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         default = action.default
+        if action.nargs == 0:  # store_true / store_false / count: a switch, its default goes without saying
+            return action.help
         if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or default == []:
             return action.help  # flags (store_true / store_false) and "not set" say it in words
-        if action.help is None:
-            return "(default: %(default)s)"
         return super()._get_help_string(action)
 
 
@@ -74,6 +79,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def show_defaults(p: argparse.ArgumentParser) -> None:
+    """Give every option without a help text one that shows its default (argparse skips help-less ones)."""
+    for action in p._actions:
+        if action.help is None and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS, []):
+            action.help = "(default: %(default)s)"
+
+
 def new_parser(prog: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
     return Parser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
 
@@ -82,10 +94,23 @@ def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
 
 
+def server_url(text: str) -> str:
+    """An argparse ``type`` for ``--url``: a URL whose scheme a client exists for."""
+    from .client import SCHEMES
+
+    known = [*SCHEMES, "modal"]
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme not in known:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a server URL: use one of {', '.join(s + '://' for s in known)} (e.g. tcp://HOST:8765)"
+        )
+    return text
+
+
 def add_target(p: Any, *, multiple: bool = False, help: str | None = None) -> None:
     """``--url`` (alias ``--policy-url``): the server to talk to."""
     p.add_argument(
-        "--url", "--policy-url", dest="url", metavar="URL",
+        "--url", "--policy-url", dest="url", metavar="URL", type=server_url,
         action="append" if multiple else "store", default=[] if multiple else None,
         help=help or "a running server: tcp://HOST:8765, http://HOST:8000, ws://HOST:8000/ws, quic://, modal://",
     )  # fmt: skip
@@ -160,6 +185,8 @@ def configure_output(args: argparse.Namespace) -> None:
     verbose = getattr(args, "verbose", 0)
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # aioquic logs a refused certificate as a warning; the error line says it already
+        logging.getLogger("quic").setLevel(logging.ERROR)
     if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar, in this process and its children
 
@@ -225,7 +252,7 @@ def missing_extra(exc: ImportError) -> str | None:
     """``pip install 'pi0remote[EXTRA]'`` advice for a missing optional module, if it is one of ours."""
     name = (getattr(exc, "name", None) or "").split(".")[0]
     extra = EXTRAS.get(name)
-    return f"pip install 'pi0remote[{extra}]'" if extra else None
+    return f"pip install 'pi0remote[{extra}]'" if extra else OTHER_FIXES.get(name)
 
 
 def explain(exc: BaseException) -> str:
@@ -235,9 +262,7 @@ def explain(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, ImportError):
         fix = missing_extra(exc)
-        if fix:
-            return f"{text}: {fix}"
-        return text
+        return f"{text}: {fix}" if fix and "pip install" not in text else text
     if type(exc).__name__ == "TlsVerificationError":
         cause = text.split(". For a self-signed server", 1)[0]
         return (
@@ -249,7 +274,9 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, errors.ConnectError):
         return f"{text}: is the server running? check --url (serve prints its URLs as 'listening URL')"
     if isinstance(exc, errors.RequestTimeout):
-        return f"{text}: raise --timeout, or check that the URL's scheme matches the server's port"
+        return f"{text}: raise --timeout, or check that the URL's scheme matches the server's port ({SCHEME_PORTS})"
+    if isinstance(exc, errors.ConnectionLost):
+        return f"{text}: check that the URL's scheme matches the server's port ({SCHEME_PORTS})"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"{text}: pick another port (0 picks a free one)"
     return text.replace("\n", " ")
@@ -273,6 +300,7 @@ def run_command(module: Any, args: argparse.Namespace, parser: argparse.Argument
         if debug:
             raise
         parser.error(str(exc))
+    tqdm_before = os.environ.get("TQDM_DISABLE")
     configure_output(args)
     try:
         return int(module.execute(config) or 0)
@@ -280,6 +308,11 @@ def run_command(module: Any, args: argparse.Namespace, parser: argparse.Argument
         return 130
     except Exception as exc:
         return _fail(parser.prog, exc, debug)
+    finally:  # a command run in process (tests, scripts) leaves the environment as it found it
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -295,6 +328,7 @@ def command_parser(command: str, prog: str | None = None) -> argparse.ArgumentPa
     )
     module.add_arguments(p)
     add_debug(p)
+    show_defaults(p)
     return p
 
 
@@ -313,6 +347,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         )  # fmt: skip
         module.add_arguments(sp)
         add_debug(sp)
+        show_defaults(sp)
         parsers[name] = sp
     sub.add_parser("version", help="print the version", formatter_class=HelpFormatter)
     return p, parsers
@@ -320,6 +355,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pi0remote COMMAND ...``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["--version"], ["version"]):  # answered without building every command's parser
+        from . import __version__
+
+        print(f"pi0remote {__version__}")
+        return 0
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.command == "version":

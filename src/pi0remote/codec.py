@@ -146,6 +146,29 @@ def _scalar_from(value: Any, type_str: Any) -> Any:
         raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
 
 
+def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0remote") -> None:
+    """Pack an array's map up to its ``data`` key, for a caller that appends the bin header and the memory.
+
+    Followed by ``bin(obj.nbytes)`` and the array's bytes, this is exactly what :func:`packb` writes for a
+    C-contiguous array of an allowed dtype (``protocol.encode_message_parts`` sends the memory uncopied).
+    """
+    if layout == "pi0remote":
+        fields: tuple[tuple[bytes, Any], ...] = (
+            (b"nd", True),
+            (b"type", obj.dtype.str),
+            (b"kind", b""),
+            (b"shape", obj.shape),
+        )
+    else:
+        _default_for(layout)
+        fields = ((b"__ndarray__", True), (b"dtype", obj.dtype.str), (b"shape", obj.shape))
+    packer.pack_map_header(len(fields) + 1)
+    for key, value in fields:
+        packer.pack(key)
+        packer.pack(value)
+    packer.pack(b"data")
+
+
 def packb(obj: Any, *, layout: str = "pi0remote") -> bytes:
     """Encode ``obj`` (dicts, lists, str, numbers, bytes, numpy arrays and scalars) to msgpack bytes."""
     default = _encode_default if layout == "pi0remote" else _default_for(layout)

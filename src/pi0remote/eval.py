@@ -110,11 +110,10 @@ def modes_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not modes:
         parser.error("give --url URL, --policy NAME or --compare ...")
     for mode in modes:
-        if "://" not in mode:
-            try:
-                cli.policy_name(mode)
-            except argparse.ArgumentTypeError as exc:
-                parser.error(f"argument --compare: {exc}")
+        try:
+            cli.server_url(mode) if "://" in mode else cli.policy_name(mode)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --compare: {exc}")
     if args.episodes < 1 or args.action_horizon < 1 or args.max_steps < 1:
         parser.error("--episodes, --action-horizon and --max-steps must be positive")
     return modes
@@ -198,14 +197,25 @@ def netem_clients(
         yield clients
 
 
+EVAL_NEEDS = ("gym_aloha", "matplotlib")
+"""What ``eval`` imports on its way (the simulator; the success-rate chart), checked before any episode runs."""
+
+
+def require(*modules: str) -> None:
+    """Import ``modules`` now, or raise an ImportError naming the first missing one (the CLI adds its extra)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            name = getattr(exc, "name", None) or module
+            raise ImportError(f"{module} is not installed ({exc})", name=name) from None
+
+
 def require_sim() -> None:
     """gym-aloha and MuJoCo, or an ImportError naming the ``sim`` extra."""
-    try:
-        import gym_aloha  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            f"the simulator is not installed ({exc})", name=getattr(exc, "name", None) or "gym_aloha"
-        ) from None
+    require("gym_aloha")
 
 
 @contextlib.contextmanager
@@ -257,7 +267,7 @@ def print_json(results_dir: Any, doc: Any) -> None:
 
 def execute(cmd: EvalCommand) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
-    require_sim()
+    require(*EVAL_NEEDS)
     from .harness.eval import evaluate
     from .harness.sweep import run_sweep
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import modal
 
-from pi0remote import deploy
+from pi0remote import deploy, scaling
 
 # The openpi commit the image installs: the one the pi0 backend is written against (docs/pi0.md).
 try:
@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover
     OPENPI_GIT = "https://github.com/Physical-Intelligence/openpi"
 
 CONFIG = deploy.DeployConfig.from_env()
+DRAIN_S = 10.0
+"""How long a stopping container waits for its robots to move before closing their connections."""
 CLASS_NAME = "Pi0Server"
 WEB_METHOD = "web"
 OPENPI_DIR = "/opt/openpi"
@@ -133,6 +135,7 @@ CLS_OPTIONS: dict[str, Any] = _supported(
         "routing_region": CONFIG.routing_region,
         "min_containers": CONFIG.min_containers,
         "max_containers": CONFIG.max_containers,
+        "buffer_containers": CONFIG.buffer_containers,
         "scaledown_window": CONFIG.scaledown_window,
         "enable_memory_snapshot": CONFIG.memory_snapshot,
         "volumes": {CONFIG.cache_dir: volume},
@@ -182,7 +185,8 @@ class Pi0Server:
     def stop(self) -> None:
         container = getattr(self, "container", None)
         if container is not None:
-            container.close()
+            # unpublished first; the robots' clients see it within a second or two and move elsewhere
+            container.close(drain_s=DRAIN_S)
 
 
 def _check_jax_backend(config: deploy.DeployConfig) -> None:
@@ -221,7 +225,45 @@ def fetch_checkpoint(checkpoint: str = "") -> list[str]:
     return paths
 
 
+# The control loop: a light CPU function that reads the published loads and sets Pi0Server's autoscaler.
+control_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install("msgpack>=1.0", "numpy")
+    .add_local_python_source("pi0remote")
+)
+
+
+def control_round() -> dict[str, Any]:
+    """One round of the control loop: the published loads in, ``Pi0Server``'s autoscaler set (scaling.py)."""
+    config = deploy.DeployConfig.from_env()
+    server = modal.Cls.from_name(config.app_name, CLASS_NAME)()
+    decision = scaling.autoscale_once(
+        modal.Dict.from_name(config.endpoints_name, create_if_missing=True),
+        server.update_autoscaler,
+        config.scaling_policy(),
+        modal.Dict.from_name(config.scaling_state_name, create_if_missing=True),
+    )
+    print(f"autoscaler: {decision.to_dict()}")
+    return decision.to_dict()
+
+
+def autoscale() -> dict[str, Any]:
+    """The control loop, scheduled every ``PI0REMOTE_AUTOSCALE_S`` seconds."""
+    return control_round()
+
+
+if CONFIG.autoscale_s > 0:
+    autoscale = app.function(
+        image=control_image,
+        schedule=modal.Period(seconds=CONFIG.autoscale_s),
+        env=CONFIG.container_env(),
+        timeout=120,
+    )(autoscale)
+
+
 __all__ = [
+    "autoscale",
+    "control_round",
     "CLASS_NAME",
     "CONFIG",
     "OPENPI_GIT_COMMIT",

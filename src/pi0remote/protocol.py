@@ -98,16 +98,7 @@ def encode_message_parts(kind: int, body: dict[str, Any]) -> list[bytes | memory
                 and value.flags.c_contiguous
                 and value.dtype.kind in codec.ALLOWED_KINDS
             ):
-                packer.pack_map_header(5)
-                for k, v in (
-                    (b"nd", True),
-                    (b"type", value.dtype.str),
-                    (b"kind", b""),
-                    (b"shape", value.shape),
-                ):
-                    packer.pack(k)
-                    packer.pack(v)
-                packer.pack(b"data")
+                codec.pack_array_head(packer, value)
                 parts.append(packer.bytes() + _bin_header(value.nbytes))
                 packer.reset()
                 parts.append(memoryview(value).cast("B"))

@@ -20,9 +20,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aioquic import tls
-from aioquic.quic.recovery import QuicPacketRecovery
-
+from . import quic_compat as compat
 from .errors import ConnectError
 
 ALPN = "pi0remote/1"
@@ -192,37 +190,12 @@ def ack_with_next_packet(quic: Any) -> None:
     Called when a request or reply is about to be sent: the ACK rides along for free, and the peer
     neither has to take in a separate ACK-only datagram nor keep our data in flight meanwhile.
     """
-    try:
-        space = quic._spaces[tls.Epoch.ONE_RTT]
-    except (AttributeError, KeyError):
-        return
-    if space.ack_at is not None:
-        space.ack_at = 0.0
+    compat.ack_now(quic)
 
 
 # -- sending in bursts ------------------------------------------------------------------------------
-class _BurstRecovery(QuicPacketRecovery):
-    """aioquic's loss recovery, but one packet-building pass may be told to stop after ``burst_bytes``.
-
-    aioquic reads ``congestion_window`` here only to bound one ``datagrams_to_send`` call (the congestion
-    controller keeps its own figure), so lowering it splits a flight into bursts and changes nothing else.
-    """
-
-    burst_bytes: int | None = None
-
-    @property
-    def congestion_window(self) -> int:
-        window = self._cc.congestion_window
-        if self.burst_bytes is not None:
-            return min(window, self._cc.bytes_in_flight + self.burst_bytes)
-        return window
-
-
 def enable_bursts(quic: Any) -> bool:
-    if type(getattr(quic, "_loss", None)) is QuicPacketRecovery:
-        quic._loss.__class__ = _BurstRecovery
-        return True
-    return False
+    return compat.enable_bursts(quic)
 
 
 def send_in_bursts(
@@ -233,18 +206,16 @@ def send_in_bursts(
     A 150 KB request takes the sender ~300 µs of Python to build and the receiver as long to take apart;
     sending it in bursts lets the receiver start on the first datagrams while the rest are being built.
     """
-    loss = quic._loss
-    if not burst or not isinstance(loss, _BurstRecovery):
+    if not burst or not compat.set_burst(quic, burst):
         datagrams = quic.datagrams_to_send(now=now)
         if datagrams:
             send(datagrams)
         return
-    loss.burst_bytes = max(burst, quic._max_datagram_size)
     try:
         while datagrams := quic.datagrams_to_send(now=now):
             send(datagrams)
     finally:
-        loss.burst_bytes = None
+        compat.set_burst(quic, None)
 
 
 # -- asyncio driver ----------------------------------------------------------------------------------
@@ -287,28 +258,7 @@ class LoopDriver:
             self.transmit()
 
     def _nothing_due(self) -> bool:
-        quic = self.quic
-        try:
-            if (
-                not quic._handshake_confirmed
-                or quic._handshake_done_pending
-                or quic._close_pending
-                or quic._probe_pending
-                or quic._ping_pending
-                or quic._retire_connection_ids
-                or quic._streams_blocked_pending
-                or quic._loss.bytes_in_flight
-            ):
-                return False
-            if any(path.remote_challenges for path in quic._network_paths):
-                return False
-            for stream in quic._streams.values():  # data queued but held back (congestion, pacing)
-                if not stream.sender.buffer_is_empty or stream.sender._pending_eof:
-                    return False
-            ack_at = quic._spaces[tls.Epoch.ONE_RTT].ack_at
-        except (AttributeError, KeyError, TypeError):  # another aioquic version: always send
-            return False
-        return ack_at is None or ack_at > self.loop.time()
+        return compat.nothing_due(self.quic, self.loop.time())
 
     def process_events(self) -> None:
         self._in_events = True

@@ -15,7 +15,15 @@ import os
 import sys
 
 from . import cli
-from .eval import EvalCommand, add_common_arguments, modes_from_args, open_clients, print_json, require_sim
+from .eval import (
+    EVAL_NEEDS,
+    EvalCommand,
+    add_common_arguments,
+    modes_from_args,
+    open_clients,
+    print_json,
+    require,
+)
 
 EXAMPLES = """examples:
   pi0remote record --policy expert --episodes 2
@@ -40,7 +48,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def execute(cmd: EvalCommand) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
-    require_sim()
+    require(*EVAL_NEEDS, "imageio", "imageio_ffmpeg", "PIL")  # and the MP4 writer, the annotations
     from .harness.record import record
 
     out = contextlib.redirect_stdout(sys.stderr) if cmd.json else contextlib.nullcontext()

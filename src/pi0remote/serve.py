@@ -23,7 +23,12 @@ from typing import Any
 
 from . import cli, protocol
 
-EXAMPLES = """examples:
+EXAMPLES = """which listeners open:
+  --transports when given; otherwise the transports whose port flag is given (--http-port: http and ws,
+  --tcp-port: tcp, --quic-port: quic and quic+tcp); with no port flag, http, ws and tcp on 8000 / 8765.
+  A port flag for a transport that --transports leaves out opens nothing (a note says so).
+
+examples:
   pi0remote serve --policy expert                        # http, ws on 8000 and tcp on 8765
   pi0remote serve --policy expert --tcp-port 8765        # tcp only
   pi0remote serve --policy pi0 --host 0.0.0.0 --token-file token.txt --transports tcp,quic
@@ -43,6 +48,16 @@ POLICY_OPTIONS = ("config", "checkpoint", "num_steps", "prompt", "random_weights
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``serve`` flag, group by group (a new flag is one line in its group)."""
+    add_policy_arguments(p)
+    add_listener_arguments(p)
+    cli.add_auth(p, server=True)
+    add_server_arguments(p)
+    cli.add_output(p, out=None, json=False, progress=False)
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """Which policy, and the options its factory gets (π₀, real-time chunking)."""
     g = p.add_argument_group("policy")
     g.add_argument(
         "--policy", default="zeros", type=cli.policy_name,
@@ -67,7 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--rtc-schedule", choices=("exp", "linear"), default=None,
         help="soft prefix mask past the delay (default exp)",
     )  # fmt: skip
-    g = p.add_argument_group("listeners (see 'Which listeners open' above)")
+
+
+def add_listener_arguments(p: argparse.ArgumentParser) -> None:
+    """Where to listen and on which transports (the rule: ``select_listeners``)."""
+    g = p.add_argument_group("listeners (see 'which listeners open' below)")
     g.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0: every interface")
     g.add_argument(
         "--http-port", type=int, default=None, help="HTTP and WebSocket (/ws) (default 8000; 0: free)"
@@ -81,7 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--transports", type=cli.choice_list(TRANSPORTS), default=None, metavar="LIST",
         help="comma list of http,ws,tcp,quic,quic+tcp (default: from the port flags given, else http,ws,tcp)",
     )  # fmt: skip
-    cli.add_auth(p, server=True)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Safety bounds, limits, batching and QUIC TLS: what :class:`~pi0remote.server.PolicyServer` gets."""
     g = p.add_argument_group("safety")
     g.add_argument("--max-message-mb", type=float, default=protocol.DEFAULT_MAX_MESSAGE_BYTES / 2**20)
     g.add_argument(
@@ -100,7 +122,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert", default=None, help="PEM certificate (default: self-signed, generated at start)")
     g.add_argument("--key", default=None, help="PEM private key for --cert")
     g.add_argument("--quic-max-datagram", type=int, default=None, help="QUIC datagram size over UDP")
-    cli.add_output(p, out=None, json=False, progress=False)
 
 
 RTC_POLICIES = ("pi0", "flow")
@@ -111,10 +132,11 @@ def rtc_options(args: argparse.Namespace) -> dict[str, Any]:
     """``rtc_beta`` and ``rtc_schedule`` for a flow policy's factory (checked here)."""
     from .rtc import DEFAULT_BETA, DEFAULT_SCHEDULE, check_beta
 
-    if args.policy not in RTC_POLICIES and ":" not in args.policy:
+    builtin = args.policy in RTC_POLICIES or args.policy.startswith("flow:")  # flow:WEIGHTS.npz
+    if not builtin and ":" not in args.policy:
         return {}
     out = {"rtc_beta": args.rtc_beta, "rtc_schedule": args.rtc_schedule}
-    if args.policy in RTC_POLICIES:
+    if builtin:
         out["rtc_beta"] = DEFAULT_BETA if args.rtc_beta is None else args.rtc_beta
         out["rtc_schedule"] = args.rtc_schedule or DEFAULT_SCHEDULE
     out = {k: v for k, v in out.items() if v is not None}
@@ -203,13 +225,20 @@ def all_interfaces(host: str) -> bool:
 
 
 def outward_address() -> str:
-    """This machine's address as other machines on its network see it (a guess; no packet is sent)."""
+    """This machine's address as other machines on its network see it (a guess; no packet is sent):
+    the source address of a route out, else what the hostname resolves to, else the hostname."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect(("10.255.255.255", 1))
             return s.getsockname()[0]
         except OSError:
-            return socket.gethostname()
+            pass
+    name = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(name)
+        return name if addr.startswith("127.") else addr
+    except OSError:
+        return name
 
 
 def display_urls(urls: list[str], host: str) -> tuple[list[str], str | None]:
@@ -301,6 +330,7 @@ async def serve(cfg: ServeConfig) -> int:
         log(f"pi0remote serve: {hint}")
     if cfg.server_options.get("token"):
         log("pi0remote serve: clients must send the token (--token, --token-file or $PI0REMOTE_TOKEN)")
+    log(f"pi0remote serve: warming up {cfg.policy} (the first calls compile / load; 'ready' follows)")
     await server.warmup()
     print("ready", flush=True)
     await stop.wait()

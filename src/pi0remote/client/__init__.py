@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidURL, MissingDependency, UnknownScheme
 from .base import AsyncPolicyClient, AsyncTransport, PolicyClient, Transport
-from .session import AsyncBytePump, BytePump, ClientOptions, check_options
+from .session import AsyncBytePump, BytePump, TransportOptions, check_options
 
 # scheme -> (module, sync pump class, async pump class); imported on first use.
 SCHEMES: dict[str, tuple[str, str, str]] = {
@@ -63,8 +63,8 @@ def _pump_class(url: str, which: int) -> type[BytePump]:
         module = importlib.import_module(entry[0])
     except ImportError as exc:
         extra = EXTRAS.get(scheme)
-        if extra is None or exc.name in (None, entry[0]):
-            raise
+        if extra is None or exc.name is None or exc.name.split(".")[0] == "pi0remote":
+            raise  # our own import error, not a missing extra
         raise MissingDependency(
             f"{scheme}:// needs {exc.name}, which is not installed: pip install 'pi0remote[{extra}]'"
         ) from exc
@@ -94,7 +94,7 @@ def _make_pump(url: str | None, policy: Any, options: dict[str, Any], which: int
     url, kwargs = _resolve(url, policy, options)
     cls = _pump_class(url, which)
     check_options(_scheme(url), cls.OPTIONS, kwargs)
-    opts = ClientOptions(url, **kwargs)
+    opts = TransportOptions(url, **kwargs)
     if opts.tune_malloc or (opts.tune_malloc is None and os.environ.get(TUNE_MALLOC_ENV) == "1"):
         from .._malloc import tune_malloc
 
@@ -109,7 +109,7 @@ def connect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> PolicyClient:
+) -> Any:
     """Connect to a policy server and return a ready :class:`PolicyClient`.
 
     ``timeout`` bounds each call (and each connect attempt); ``token`` is sent on every transport.
@@ -118,6 +118,10 @@ def connect(
     this process, as the server does; off unless asked, or ``PI0REMOTE_TUNE_MALLOC=1``). Transport-specific
     ones (``quic_fingerprint``, ...) are listed in the transport's module; an unknown keyword is a TypeError.
     """
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import connect_modal  # resolver choice and failover across containers
+
+        return connect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 1)
     return PolicyClient(pump, url).connect()
 
@@ -129,8 +133,12 @@ async def aconnect(
     token: str | None = None,
     policy: Any = None,
     **options: Any,
-) -> AsyncPolicyClient:
+) -> Any:
     """Async twin of :func:`connect`."""
+    if policy is None and isinstance(url, str) and "://" in url and _scheme(url) == "modal":
+        from .modal import aconnect_modal  # resolver choice and failover across containers
+
+        return await aconnect_modal(url, timeout=timeout, token=token, **options)
     url, pump = _make_pump(url, policy, dict(options, timeout=timeout, token=token), 2)
     return await AsyncPolicyClient(pump, url).connect()  # type: ignore[arg-type]
 

@@ -75,25 +75,65 @@ def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
     return bool(poller.poll(max(int(timeout * 1000) + 1, 0)))
 
 
-def check_not_stale(sock: socket.socket | None, url: str) -> socket.socket:
-    """Before a request: raise ConnectionLost (request not delivered) if the server closed or spoke first.
+class IdleCheck:
+    """Before a request: is the connection still usable? One cached ``poll`` (a fraction of a microsecond).
 
     Between exchanges a pi0remote server sends nothing, so anything readable (EOF, a reset, stray bytes)
-    means this connection cannot carry the next request; the session reconnects and sends it there.
+    means this connection cannot carry the next request: :meth:`check` raises ConnectionLost (the request
+    is not delivered) and the session reconnects and sends it there. Over TLS, records that carry no data
+    (TLS 1.3 session tickets) are read and ignored.
     """
-    if sock is None:
+
+    def __init__(self, sock: socket.socket, url: str) -> None:
+        self.sock = sock
+        self.url = url
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    def has_input(self) -> bool:
+        return bool(self._poll.poll(0))
+
+    def check(self) -> socket.socket:
+        sock = self.sock
+        if self._poll.poll(0) and not self._only_tls_records(sock):
+            raise ConnectionLost(f"{self.url} closed the connection while it was idle")
+        return sock
+
+    @staticmethod
+    def _only_tls_records(sock: socket.socket) -> bool:
+        if not isinstance(sock, ssl.SSLSocket):
+            return False
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # data or EOF: the connection is not usable either way
+            return False
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+
+def check_not_stale(check: IdleCheck | None, url: str) -> socket.socket:
+    """The socket of ``check`` once it passed (ConnectionLost, not delivered, when not connected)."""
+    if check is None:
         raise ConnectionLost(f"not connected to {url}")
-    if readable(sock):
-        raise ConnectionLost(f"{url} closed the connection while it was idle")
-    return sock
+    return check.check()
 
 
-def transport_stale(transport: Any) -> bool:
-    """The asyncio twin of :func:`check_not_stale`: closing, or input the loop has not read yet."""
+def transport_stale(transport: Any, check: IdleCheck | None) -> bool:
+    """The asyncio twin of :meth:`IdleCheck.check`: closing, or input the loop has not read yet."""
     if transport is None or transport.is_closing():
         return True
-    sock = transport.get_extra_info("socket")
-    return sock is not None and readable(sock)
+    return check is not None and check.has_input()
+
+
+def idle_check_for(transport: Any, url: str) -> IdleCheck | None:
+    """An :class:`IdleCheck` on an asyncio transport's socket (None when it has none)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return IdleCheck(sock, url) if sock is not None else None
 
 
 def close_quietly(sock: socket.socket | None) -> None:
@@ -104,4 +144,12 @@ def close_quietly(sock: socket.socket | None) -> None:
             pass
 
 
-__all__ = ["ConnectError", "check_not_stale", "close_quietly", "host_port", "open_socket", "recv_into"]
+__all__ = [
+    "ConnectError",
+    "IdleCheck",
+    "check_not_stale",
+    "close_quietly",
+    "host_port",
+    "open_socket",
+    "recv_into",
+]

@@ -25,6 +25,8 @@ class _ClientBase:
         self.session = ClientSession(pump.options, pump)
         self._open = False
         self.calls = 0
+        self.last_reply_bytes = 0
+        """Size of the last reply message (bytes after framing), for benchmarks."""
 
     @property
     def transport(self) -> BytePump:
@@ -110,6 +112,7 @@ class PolicyClient(_ClientBase):
         t1 = time.perf_counter()
         data = self._receive_after(message)
         t2 = time.perf_counter()
+        self.last_reply_bytes = len(data)
         reply = self._reply(data, protocol.RESULT)
         self.calls += 1
         return add_client_timing(reply, t0, t1, t2, time.perf_counter())
@@ -193,6 +196,7 @@ class AsyncPolicyClient(_ClientBase):
         t1 = time.perf_counter()
         data = await self._receive_after(message)
         t2 = time.perf_counter()
+        self.last_reply_bytes = len(data)
         reply = await self._reply(data, protocol.RESULT)
         self.calls += 1
         return add_client_timing(reply, t0, t1, t2, time.perf_counter())

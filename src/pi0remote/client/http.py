@@ -23,8 +23,8 @@ from ..errors import (
     ReplyLost,
     TransportMismatch,
 )
-from ._sock import check_not_stale, close_quietly, host_port, open_socket, recv_into, send_all
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from ._sock import IdleCheck, check_not_stale, close_quietly, host_port, open_socket, recv_into, send_all
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import httpx_table, mismatch_hint, translate
 
 ROUTES = {
@@ -88,13 +88,14 @@ class HttpPump(BytePump):
     accepts_parts = True
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         url = options.url
         self.tls = url.lower().startswith("https://")
         self.host, self.port = host_port(url, 443 if self.tls else 80)
         self.prefix = urlsplit(url).path.rstrip("/")
         self.sock: socket.socket | None = None
+        self.idle: IdleCheck | None = None
         self._buf = bytearray(MAX_HEAD)
         self._pending = bytearray()
         self._ok_kind = protocol.RESULT
@@ -105,6 +106,7 @@ class HttpPump(BytePump):
 
     def open(self) -> None:
         self.sock = open_socket(self.url, self.host, self.port, self.options.timeout, tls=self.tls)
+        self.idle = IdleCheck(self.sock, self.url)
         self._pending.clear()
 
     def send(self, message: Message) -> None:
@@ -115,7 +117,7 @@ class HttpPump(BytePump):
             head += f"Content-Type: application/msgpack\r\nContent-Length: {length}\r\n\r\n".encode()
         else:
             head += b"\r\n"
-        send_all(check_not_stale(self.sock, self.url), head, *body, url=self.url)
+        send_all(check_not_stale(self.idle, self.url), head, *body, url=self.url)
 
     def receive(self) -> bytearray:
         status, headers = self._read_head()
@@ -200,7 +202,7 @@ class HttpPump(BytePump):
 
     def close(self) -> None:
         close_quietly(self.sock)
-        self.sock = None
+        self.sock = self.idle = None
 
 
 class AsyncHttpPump(AsyncBytePump):
@@ -210,7 +212,7 @@ class AsyncHttpPump(AsyncBytePump):
     scheme = "http"
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.client: Any = None
         self._reply: bytearray | None = None

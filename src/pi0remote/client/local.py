@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from ..errors import ConnectionLost
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 
 POLICY_OPTIONS = frozenset({"config", "checkpoint", "random_weights", "num_steps", "prompt"})
 """``load_policy`` keywords a ``local://NAME`` URL passes through."""
@@ -21,7 +21,7 @@ class LocalPump(BytePump):
     OPTIONS = POLICY_OPTIONS | {"policy"}
     accepts_parts = True  # joining the parts copies the camera once; encode_message would copy it twice
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         from ..policies import load_policy
         from ..server.core import ServerCore, Session
 
@@ -68,7 +68,7 @@ class AsyncLocalPump(AsyncBytePump):
     OPTIONS = LocalPump.OPTIONS
     accepts_parts = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.sync = LocalPump(options)
 

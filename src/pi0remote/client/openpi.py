@@ -1,7 +1,8 @@
 """``openpi://host:port``: a stock openpi WebSocket policy server (``serve_policy.py``) behind ``connect()``.
 
-The transport speaks openpi's protocol (docs/openpi.md) and translates at the edge, so ``client.infer(obs)``
-looks the same as on every other transport:
+The pump speaks openpi's protocol (docs/openpi.md) as a dialect of pi0remote's messages (``_Dialect``: HELLO
+is answered from the server's first message, RESET locally, INFER and RESULT translated), so the same client
+session drives it and ``client.infer(obs)`` looks the same as on every other transport:
 
 * connect: WebSocket upgrade to ``ws://host:port/path`` (with ``token``: ``Authorization: Api-Key TOKEN``,
   as openpi's client sends it), then the server's first message is its metadata. ``client.metadata`` is
@@ -38,7 +39,7 @@ from ..errors import (
     from_wire,
 )
 from ..server.openpi_ws import ERROR_PREFIX
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .ws import (
     BlockingWebSocket,
     async_ws_recv,
@@ -150,7 +151,7 @@ class _Dialect:
     INFER becomes openpi's observation and its reply a RESULT message.
     """
 
-    options: ClientOptions
+    options: TransportOptions
     metadata: dict[str, Any] | None = None
 
     def _headers(self) -> dict[str, str] | None:
@@ -202,7 +203,7 @@ class _Dialect:
 class OpenpiPump(_Dialect, BytePump):
     scheme = "openpi"
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws = BlockingWebSocket(
             options.url, ws_url(options.url), options.timeout, options.max_message_bytes, False
@@ -242,7 +243,7 @@ class OpenpiPump(_Dialect, BytePump):
 class AsyncOpenpiPump(_Dialect, AsyncBytePump):
     scheme = "openpi"
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws_url = ws_url(options.url)
         self.ws: Any = None

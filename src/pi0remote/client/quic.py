@@ -45,7 +45,7 @@ from ..errors import (
     RequestTimeout,
 )
 from ._sock import host_port
-from .session import AsyncBytePump, BytePump, ClientOptions
+from .session import AsyncBytePump, BytePump, TransportOptions
 from .translate import aioquic_table, quic_termination, translate
 
 DEFAULT_PORT = 8766
@@ -148,7 +148,7 @@ class _Session:
         Probe timeouts only run while our packets are unacknowledged (never while the server merely
         computes a slow reply), so this is a liveness signal, not a request timeout.
         """
-        if self.connected and self.failure is None and self.quic._loss._pto_count >= DEAD_AFTER_PROBES:
+        if self.connected and self.failure is None and qc.compat.pto_count(self.quic) >= DEAD_AFTER_PROBES:
             self._fail(  # nothing acknowledged: the server never got the whole request
                 RequestNotDelivered(
                     f"{self.url} acknowledged nothing after {DEAD_AFTER_PROBES} probe timeouts"
@@ -159,9 +159,9 @@ class _Session:
         """The reason once a CONNECTION_CLOSE was sent or received, else None.
 
         aioquic emits ``ConnectionTerminated`` only after draining (three probe timeouts later), so a
-        server's close is read from the connection itself (a private attribute, checked with getattr).
+        server's close is read from the connection itself (``quic_compat.close_event``).
         """
-        event = getattr(self.quic, "_close_event", None)
+        event = qc.compat.close_event(self.quic)
         if event is None:
             return None
         return ConnectionLost(f"QUIC connection to {self.url} closed: {event.reason_phrase or 'closed'}")
@@ -326,7 +326,7 @@ class _TcpLink:
             pass
 
 
-def _configure(pump: Any, options: ClientOptions) -> None:
+def _configure(pump: Any, options: TransportOptions) -> None:
     """Address, QUIC options and scheme (``quic`` or ``quic+tcp``), the same for both twins."""
     pump.host, pump.port = host_port(options.url, DEFAULT_PORT)
     pump.quic_options = _options(options.url, options.extra)
@@ -367,7 +367,7 @@ class QuicPump(BytePump):
     OPTIONS = OPTIONS
     final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         _configure(self, options)
         burst = options.extra.get("quic_burst_bytes")
@@ -565,7 +565,7 @@ class AsyncQuicPump(AsyncBytePump):
     OPTIONS = OPTIONS
     final_connect_errors = (qc.TlsVerificationError,)
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         _configure(self, options)
         self.driver: _AsyncDriver | None = None

@@ -46,8 +46,8 @@ COMMON_OPTIONS = frozenset({"timeout", "token", "retries", "max_message_bytes", 
 """Keywords every transport takes; a pump adds its own in ``BytePump.OPTIONS``."""
 
 
-class ClientOptions:
-    """What every transport is configured with; unknown keywords are a :class:`TypeError`."""
+class TransportOptions:
+    """What every transport is configured with (``connect()``'s keywords, checked by :func:`check_options`)."""
 
     def __init__(
         self,
@@ -110,7 +110,7 @@ class BytePump:
     final_connect_errors: tuple[type[BaseException], ...] = ()
     """ConnectError subclasses that another attempt would not fix (a refused certificate)."""
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         self.options = options
         self.url = options.url
 
@@ -149,7 +149,7 @@ class AsyncBytePump(BytePump):
 class ClientSession:
     """Sans-I/O client protocol state for one :class:`PolicyClient` (see the module docstring)."""
 
-    def __init__(self, options: ClientOptions, pump: BytePump) -> None:
+    def __init__(self, options: TransportOptions, pump: BytePump) -> None:
         self.options = options
         self.accepts_parts = pump.accepts_parts
         self.token_in_headers = pump.token_in_headers
@@ -241,7 +241,7 @@ def add_client_timing(reply: dict[str, Any], t0: float, t1: float, t2: float, t3
 __all__ = [
     "AsyncBytePump",
     "BytePump",
-    "ClientOptions",
+    "TransportOptions",
     "ClientSession",
     "DEFAULT_RETRIES",
     "check_options",

@@ -14,15 +14,17 @@ from typing import Any
 from .. import protocol
 from ..errors import ConnectionLost, MessageTooLarge, RequestTimeout, TransportMismatch
 from ._sock import (
+    IdleCheck,
     check_not_stale,
     close_quietly,
     host_port,
+    idle_check_for,
     open_socket,
     recv_into,
     send_all,
     transport_stale,
 )
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import SOCKET, swap_scheme, translate
 
 DEFAULT_PORT = 8765
@@ -49,18 +51,20 @@ class TcpPump(BytePump):
     scheme = "tcp"
     accepts_parts = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.host, self.port = host_port(options.url, DEFAULT_PORT)
         self.sock: socket.socket | None = None
+        self.idle: IdleCheck | None = None
         self.decoder = protocol.FrameDecoder(options.max_message_bytes)
 
     def open(self) -> None:
         self.sock = open_socket(self.url, self.host, self.port, self.options.timeout)
+        self.idle = IdleCheck(self.sock, self.url)
         self.decoder = protocol.FrameDecoder(self.options.max_message_bytes)
 
     def send(self, message: Message) -> None:
-        send_all(check_not_stale(self.sock, self.url), *framed(message), url=self.url)
+        send_all(check_not_stale(self.idle, self.url), *framed(message), url=self.url)
 
     def receive(self) -> bytearray:
         decoder, sock = self.decoder, self.sock
@@ -75,7 +79,7 @@ class TcpPump(BytePump):
 
     def close(self) -> None:
         close_quietly(self.sock)
-        self.sock = None
+        self.sock = self.idle = None
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
@@ -140,10 +144,11 @@ class AsyncTcpPump(AsyncBytePump):
     # one buffer: asyncio may keep a not-yet-written part past the call, and the caller owns the camera
     accepts_parts = False
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.host, self.port = host_port(options.url, DEFAULT_PORT)
         self.proto: _FrameProtocol | None = None
+        self.idle: IdleCheck | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,10 +160,11 @@ class AsyncTcpPump(AsyncBytePump):
             )
         except Exception as exc:
             raise translate(SOCKET, exc, self.url, connecting=True) from exc
+        self.idle = idle_check_for(self.proto.transport, self.url)
 
     async def send(self, message: Message) -> None:
         proto = self.proto
-        if proto is None or proto.failure is not None or transport_stale(proto.transport):
+        if proto is None or proto.failure is not None or transport_stale(proto.transport, self.idle):
             raise ConnectionLost(f"{self.url} closed the connection while it was idle")
         proto.transport.writelines(framed(message))
 

@@ -89,9 +89,15 @@ def _ws_closed(exc: Any, url: str) -> Pi0RemoteError:
 
 
 def ws_status_error(status: int, url: str) -> Pi0RemoteError:
-    """A refused WebSocket upgrade."""
+    """A refused WebSocket upgrade: 401/403 wrong token, 404 wrong path (final), 5xx worth another attempt."""
     if status in (401, 403):
         return AuthenticationError(f"server refused the WebSocket upgrade ({url}): missing or wrong token")
+    if status == 404:
+        return TransportMismatch(
+            f"no WebSocket endpoint at {url} (HTTP 404); a pi0remote server's is {swap_scheme(url, 'ws')}"
+        )
+    if 400 <= status < 500:
+        return ProtocolError(f"WebSocket upgrade refused ({url}): HTTP {status}")
     return ConnectError(f"WebSocket upgrade refused ({url}): HTTP {status}")
 
 

@@ -15,16 +15,17 @@ from typing import Any
 
 from ..errors import ConnectError, ConnectionLost, ProtocolError, RequestTimeout, TransportMismatch
 from ._sock import (
+    IdleCheck,
     check_not_stale,
     close_quietly,
     host_port,
+    idle_check_for,
     open_socket,
-    readable,
     recv_into,
     send_all,
     transport_stale,
 )
-from .session import AsyncBytePump, BytePump, ClientOptions, Message
+from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import swap_scheme, translate, websockets_table, ws_status_error
 
 
@@ -39,6 +40,7 @@ class BlockingWebSocket:
         self.tls = tls
         self.host, self.port = host_port(ws_url, 443 if tls else 80)
         self.sock: socket.socket | None = None
+        self.idle: IdleCheck | None = None
         self.proto: Any = None
         self._buf = bytearray(1 << 18)
         self._fragments: list[bytes] = []
@@ -75,6 +77,7 @@ class BlockingWebSocket:
         from websockets.uri import parse_uri
 
         self.sock = open_socket(self.url, self.host, self.port, self.timeout, tls=self.tls)
+        self.idle = IdleCheck(self.sock, self.url)
         self.proto = ClientProtocol(parse_uri(self.ws_url), max_size=self.max_message_bytes)
         request = self.proto.connect()
         for name, value in (headers or {}).items():
@@ -105,12 +108,12 @@ class BlockingWebSocket:
         """One binary message; ConnectionLost (not delivered) unless the WebSocket is open and quiet."""
         if self.proto is None or self.proto.state.name != "OPEN" or self.sock is None:
             raise ConnectionLost(f"the WebSocket to {self.url} is not open")
-        sock = self.sock if idle_input_ok else check_not_stale(self.sock, self.url)
+        sock = self.sock if idle_input_ok else check_not_stale(self.idle, self.url)
         send_all(sock, *masked_binary_frame(message), url=self.url)
 
     def drain(self) -> None:
         """Take in what arrived between exchanges (pings, a close) without waiting for more."""
-        while self.sock is not None and readable(self.sock):
+        while self.idle is not None and self.idle.has_input():
             if self.message(self._feed(self._read())) is not None:
                 raise ConnectionLost(f"{self.url} sent a message nobody asked for")
 
@@ -145,7 +148,7 @@ class BlockingWebSocket:
     def close(self) -> None:
         """Send a close frame if possible, then close the socket; never raises."""
         sock, proto = self.sock, self.proto
-        self.sock = self.proto = None
+        self.sock = self.proto = self.idle = None
         self._fragments = []
         if sock is not None and proto is not None:
             try:
@@ -192,7 +195,7 @@ class WsPump(BytePump):
     accepts_parts = True
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         tls = options.url.lower().startswith("wss://")
         self.ws = BlockingWebSocket(options.url, options.url, options.timeout, options.max_message_bytes, tls)
@@ -214,7 +217,7 @@ class WsPump(BytePump):
         self.ws.close()
 
 
-async def open_async_websocket(url: str, options: ClientOptions, headers: dict[str, str] | None) -> Any:
+async def open_async_websocket(url: str, options: TransportOptions, headers: dict[str, str] | None) -> Any:
     """A ``websockets.asyncio`` connection with pi0remote's settings: no compression, no pings."""
     from websockets.asyncio.client import connect
 
@@ -231,11 +234,11 @@ async def open_async_websocket(url: str, options: ClientOptions, headers: dict[s
         raise translate(websockets_table(), exc, options.url, connecting=True) from exc
 
 
-async def async_ws_send(ws: Any, payload: Any, url: str) -> None:
+async def async_ws_send(ws: Any, payload: Any, url: str, idle: IdleCheck | None = None) -> None:
     """Send one message; ConnectionLost (not delivered) when the WebSocket is no longer open."""
     from websockets.protocol import State
 
-    if ws is None or ws.protocol.state is not State.OPEN or transport_stale(ws.transport):
+    if ws is None or ws.protocol.state is not State.OPEN or transport_stale(ws.transport, idle):
         raise ConnectionLost(f"the WebSocket to {url} is not open")
     try:
         await ws.send(payload)
@@ -266,17 +269,19 @@ class AsyncWsPump(AsyncBytePump):
     scheme = "ws"
     token_in_headers = True
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: TransportOptions) -> None:
         super().__init__(options)
         self.ws: Any = None
+        self.idle: IdleCheck | None = None
 
     async def open(self) -> None:
         token = self.options.token
         headers = {"Authorization": f"Bearer {token}"} if token is not None else None
         self.ws = await open_async_websocket(self.url, self.options, headers)
+        self.idle = idle_check_for(self.ws.transport, self.url)
 
     async def send(self, message: Message) -> None:
-        await async_ws_send(self.ws, message, self.url)
+        await async_ws_send(self.ws, message, self.url, self.idle)
 
     async def receive(self) -> bytes:
         data = await async_ws_recv(self.ws, self.options.timeout, self.url)

@@ -547,8 +547,9 @@ def format_table(aggregates: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Bar chart of success rate per mode with 95 % Wilson interval bars (matplotlib, Agg)."""
+def success_figure(aggregates: list[dict[str, Any]], title: str) -> Any:
+    """The success-rate bar chart (matplotlib figure): a bar per mode with its 95 % Wilson interval and
+    its ``k/n`` label above the bar in dark text, readable whatever the rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -559,17 +560,23 @@ def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Pa
     high = np.array([a["wilson95_high"] for a in aggregates])
     fig, ax = plt.subplots(figsize=(1.6 * len(aggregates) + 2.5, 3.6))
     ax.bar(range(len(aggregates)), rates, yerr=[rates - low, high - rates], capsize=6, color="#4c72b0")
-    for i, a in enumerate(aggregates):  # above the bar (and its error bar) in dark text: readable at 0 %
-        ax.text(
-            i, high[i] + 0.02, f"{a['successes']}/{a['episodes']}", ha="center", va="bottom",
-            color="#222222", fontsize=10,
-        )  # fmt: skip
+    for i, a in enumerate(aggregates):
+        label = f"{a['successes']}/{a['episodes']}"
+        ax.text(i, high[i] + 0.03, label, ha="center", va="bottom", color="#222222", fontsize=10)
     ax.set_xticks(range(len(aggregates)), [a["mode"] for a in aggregates], rotation=15, ha="right")
     ax.set_ylim(0, 1.15)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("success rate (95% Wilson)")
     ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_success(aggregates: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Write :func:`success_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = success_figure(aggregates, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -32,6 +32,7 @@ BUILTIN = {
     "echo": "pi0remote.policies.builtin:EchoPolicy",
     "expert": "pi0remote.sim.expert:ExpertPolicy",
     "pi0": "pi0remote.policies.pi0:make_pi0_policy",
+    "flow": "pi0remote.policies.flow:make_flow_policy",
 }
 
 
@@ -49,7 +50,8 @@ def _import_attr(spec: str) -> Any:
 def load_policy(name: str, **options: Any) -> Any:
     """Build the policy named ``name``.
 
-    ``zeros``, ``echo``, ``expert``, ``pi0``, ``sleep:MS`` or ``sleep:BASE+PER``, or ``module:attr`` where
+    ``zeros``, ``echo``, ``expert``, ``pi0``, ``flow`` or ``flow:WEIGHTS.npz``, ``sleep:MS`` or
+    ``sleep:BASE+PER``, or ``module:attr`` where
     attr is a policy object, or a class / factory that returns one (called with ``options``).
     Options not meant for a policy are the caller's to drop.
     """
@@ -57,6 +59,10 @@ def load_policy(name: str, **options: Any) -> Any:
         from .builtin import SleepPolicy
 
         return SleepPolicy.parse(name[len("sleep:") :])
+    if name.startswith("flow:"):
+        from .flow import make_flow_policy
+
+        return make_flow_policy(name[len("flow:") :], **options)
     target = BUILTIN.get(name, name)
     obj = _import_attr(target)
     if hasattr(obj, "infer") and not isinstance(obj, type):

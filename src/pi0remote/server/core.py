@@ -57,12 +57,12 @@ class Dialect(Protocol):
     layout: str
     """The codec layout of its payloads (``pi0remote`` or ``openpi``)."""
 
-    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> dict[str, Any]:
+    def decode(self, body: bytes | bytearray | memoryview, input_spec: dict[str, Any]) -> Any:
         """Its request payload -> the canonical observation (validated by the core afterwards)."""
         ...
 
     def encode(self, result: dict[str, Any], timing: dict[str, float], started: float) -> bytes:
-        """The policy's canonical result -> its reply payload."""
+        """The policy's checked result -> its reply payload."""
         ...
 
 
@@ -115,10 +115,17 @@ class ServerCore:
         )
         self._ready = False
         self._decode_pool: DaemonExecutor | None = None
+        self.load = self.runner.load
+        """Connected robots and recent call counters (server/stats.py), published by a fleet."""
         self.extra_metadata: dict[str, Any] = dict(extra_metadata or {})
         self._metadata_cache: bytes | None = None
         self.transports: set[Any] = set()
         """Open client connections' transports, closed when the server stops."""
+
+    @property
+    def outbound_cap(self) -> int:
+        """Unsent reply bytes past which a connection is dropped: the limit, but always room for one reply."""
+        return max(self.limits.max_outbound_bytes, self.max_message_bytes + 65536)
 
     @property
     def ready(self) -> bool:
@@ -234,18 +241,26 @@ class ServerCore:
         return result
 
     def _reply(
-        self, result: Any, timing: dict[str, float], started: float, with_kind: bool, dialect: Dialect | None
+        self,
+        result: Any,
+        timing: dict[str, float],
+        started: float,
+        with_kind: bool,
+        dialect: Dialect | None = None,
     ) -> bytes:
         if isinstance(result, BaseException):
             raise result
-        result = self.check_reply(result)
         if dialect is not None:
-            return dialect.encode(result, timing, started)
-        reply = dict(result)
+            return dialect.encode(self.check_reply(result), timing, started)
+        reply = dict(self.check_reply(result))
         policy_timing = reply.pop("policy_timing", None)
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
+        if _payload_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
+            raise RemotePolicyError(
+                f"policy reply exceeds the message limit of {self.max_message_bytes} bytes"
+            )
         try:
             message = protocol.encode_result(reply, timing, started, with_kind=with_kind)
         except CodecError as exc:
@@ -282,7 +297,9 @@ class ServerCore:
         started = time.perf_counter()
         return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
 
-    def _infer_unpacked(self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None) -> bytes:
+    def _infer_unpacked(
+        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None
+    ) -> bytes:
         if has_jpeg(obs):
             self._decode_jpeg(obs)
         validate_request(obs, self.meta)
@@ -303,6 +320,7 @@ class ServerCore:
             if not self.check_token(body.get("token")):
                 raise AuthenticationError("missing or wrong token")
             session.authenticated = True
+        self.load.session_opened(session)
         return protocol.encode_message(protocol.METADATA, self.metadata())
 
     def handle_now(
@@ -362,8 +380,8 @@ class ServerCore:
         """One HTTP request (header names lower-case, body already bounded) -> the reply. Never raises.
 
         ``POST /infer`` and ``POST /reset`` carry msgpack bodies; ``GET /metadata`` (JSON when asked);
-        ``/healthz`` (no token; 503 while warming up); typed errors as msgpack, or JSON when the client
-        accepts JSON. ``client`` identifies the connection for batching.
+        ``/healthz`` (no token; 503 while warming up or stuck); typed errors as msgpack, or JSON when the
+        client accepts JSON. ``client`` identifies the connection for batching.
         """
         wants_json = JSON in headers.get("accept", "")
         if path == "/healthz":
@@ -391,8 +409,6 @@ class ServerCore:
             return self.http_error(status_for(exc), exc, wants_json)
 
     def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
-        if not isinstance(exc, Pi0RemoteError):
-            exc = RemotePolicyError(f"{type(exc).__name__}: {exc}")
         body = to_wire(exc)
         if wants_json:
             return HttpReply(status, JSON, json.dumps(body).encode())
@@ -413,6 +429,19 @@ def _declares_action(policy: Any) -> bool:
     """True when the policy states its action shape (its metadata), so replies are checked against it."""
     meta = getattr(policy, "metadata", None)
     return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def _payload_bytes(value: Any, depth: int = 0) -> int:
+    """A lower bound of ``value``'s encoded size: its arrays, bytes and strings (nested maps and lists)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if depth < 4 and isinstance(value, dict):
+        return sum(_payload_bytes(v, depth + 1) for v in value.values())
+    if depth < 4 and isinstance(value, (list, tuple)) and len(value) < 4096:
+        return sum(_payload_bytes(v, depth + 1) for v in value)
+    return 0
 
 
 def has_jpeg(obs: Any) -> bool:

@@ -169,6 +169,7 @@ class HttpProtocol(asyncio.Protocol):
             abort=transport.abort,
             idle_timeout=self.idle_timeout,
             write_stall_timeout=self.core.limits.write_stall_timeout,
+            write_buffered=transport.get_write_buffer_size,
         )
         self._arm_head_timer()
 
@@ -228,7 +229,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
-            if transport.get_write_buffer_size() > self.core.limits.max_outbound_bytes:
+            if transport.get_write_buffer_size() > self.core.outbound_cap:
                 transport.abort()  # a client that does not read its replies
 
     def data_received(self, data: bytes) -> None:
@@ -260,7 +261,7 @@ class HttpProtocol(asyncio.Protocol):
         """Parse the next head out of the buffer; False when there is none yet (or it was refused)."""
         if not self.buf:
             return False
-        if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so: fail fast
+        if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so (a TCP frame, TLS): fail fast
             self._respond_error(400, _not_http(self.buf), close=True)
             return False
         self._arm_head_timer()
@@ -405,7 +406,7 @@ class WebSocketSession:
 
         self.proto = ServerProtocol(max_size=max_message_bytes)
         self.max_message_bytes = max_message_bytes
-        self.max_outbound = core.limits.max_outbound_bytes
+        self.max_outbound = core.outbound_cap
         self.proto.receive_data(request.head)
         events = self.proto.events_received()
         if not events or not isinstance(events[0], Request):
@@ -427,6 +428,7 @@ class WebSocketSession:
             idle_timeout=idle_timeout,
             pause=self._pause,
             write_stall_timeout=core.limits.write_stall_timeout,
+            write_buffered=transport.get_write_buffer_size,
         )
         self._fragment_bytes = 0
         self._flush()

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-log = logging.getLogger("pi0remote.server")
+from ..options import TOKEN_ENV  # re-exported: the one definition is in pi0remote.options
 
-TOKEN_ENV = "PI0REMOTE_TOKEN"
+log = logging.getLogger("pi0remote.server")
 FD_RESERVE = 64
 """File descriptors kept free for the listeners, logs, the policy and the process itself."""
 
@@ -204,30 +203,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = 10.0)
 def resolve_token(
     token: str | None = None, token_file: str | None = None, env: Mapping[str, str] | None = None
 ) -> str | None:
-    """The server's token: ``token`` if given, else the first line of ``token_file``, else ``$PI0REMOTE_TOKEN``.
+    """The server's token: ``token`` if given, else the first line of ``token_file``, else ``$PI0REMOTE_TOKEN``
+    (:func:`pi0remote.options.read_token`, the one token reader clients and servers share)."""
+    from ..options import read_token
 
-    A token on the command line is visible to every local user (``ps``); a file (mode 0600) or the
-    environment is not. An empty token file or value is an error rather than "no token".
-    """
-    if token is not None and token_file is not None:
-        raise ValueError("give the token on the command line or in a file, not both")
-    if token is not None:
-        if not token:
-            raise ValueError("the token is empty")
-        return token
-    if token_file is not None:
-        with open(token_file, encoding="utf-8") as fh:
-            text = fh.readline().strip()
-        if not text:
-            raise ValueError(f"token file {token_file} is empty")
-        return text
-    value = (os.environ if env is None else env).get(TOKEN_ENV)
-    if value is not None:
-        value = value.strip()
-        if not value:
-            raise ValueError(f"${TOKEN_ENV} is set but empty")
-        return value
-    return None
+    return read_token(token, token_file, env)
 
 
 __all__ = [

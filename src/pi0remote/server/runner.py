@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PolicyTimeout, RemotePolicyError
+from .stats import LoadStats
 
 ACTIVE_CLIENT_S = 1.0
 """A client that sent a request within this many seconds counts as active (it will likely send again)."""
@@ -103,6 +104,8 @@ class PolicyRunner:
         self.batches = 0
         self._last_seen: dict[Any, float] = {}
         self._arrival: asyncio.Event | None = None
+        self.load = LoadStats()
+        """Recent calls/s, batch size and queue wait (a fleet publishes them; see server/stats.py)."""
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -131,6 +134,7 @@ class PolicyRunner:
     def run_sync(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
         """In-process path (the ``local://`` transport): call the policy on this thread."""
         result, policy_ms = self._call_one(obs)
+        self.load.record((0.0,))
         return result, {"queue_ms": 0.0, "policy_ms": policy_ms, "batch_size": 1}
 
     def reset(self) -> None:
@@ -225,6 +229,7 @@ class PolicyRunner:
                 results, policy_ms = await self._run_jobs(jobs)
                 self.batches += 1
                 self.calls += len(jobs)
+                self.load.record([(started - j.enqueued) * 1000.0 for j in jobs])
                 for job, res in zip(jobs, results, strict=True):
                     if not job.future.done():  # a client that went away does not affect the others
                         timing = {

@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   pi0remote bench --policy sleep:26 --netem delay=150ms,jitter=10ms,loss=0.1%,rate=50mbit
   pi0remote bench --url tcp://gpu-box:8765 --url ws://gpu-box:8000/ws --n 200 --token-file tok.txt
   pi0remote bench --clients 8 --policy sleep:24+8.9 --max-batch 8
+  pi0remote bench --clients 16 --url modal://pi0remote/tcp         # robots spread over a Modal fleet
+  pi0remote bench --fleet 4 --clients 32 --kill-one-at 5 --json    # a local fleet, one container killed
 """
 
 
@@ -46,7 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-baselines", dest="baselines", action="store_false", help="skip the floor and openpi baselines"
     )
     g = p.add_argument_group("embedded server (without --url)")
-    g.add_argument("--policy", default="zeros", help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...")
+    g.add_argument(
+        "--policy",
+        default="zeros",
+        type=cli.policy_name,
+        help="zeros, sleep:26 (GPU-like), sleep:24+8.9, ...",
+    )
     g.add_argument("--max-batch", type=int, default=1, help="dynamic batching up to this size")
     g.add_argument(
         "--batch-window-ms", type=float, default=None,
@@ -57,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-charts", dest="charts", action="store_false", help="skip charts/latency_breakdown.png"
     )
+    from ..fleet import add_fleet_args
+
+    add_fleet_args(p)
 
 
 @dataclass
@@ -69,7 +79,11 @@ class BenchCommand:
     quiet: bool = False
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> BenchCommand:
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Any:
+    if getattr(args, "fleet", 0):  # --fleet K: harness/fleet.py
+        from ..fleet import fleet_command
+
+        return fleet_command(args, parser)
     transports = args.transport if isinstance(args.transport, list) else [args.transport]
     bench = BenchConfig(
         urls=list(args.url or []),
@@ -108,7 +122,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     return run_clients(cfg, log) if cfg.clients > 0 else run_latency(cfg, log)
 
 
-def execute(cmd: BenchCommand) -> int:
+def execute(cmd: Any) -> int:
+    if not isinstance(cmd, BenchCommand):  # --fleet K
+        return cmd.execute()
     from .report import (
         describe_config,
         jsonable,

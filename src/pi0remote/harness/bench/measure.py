@@ -89,6 +89,9 @@ def _client_worker(
     index: int, url: str, cfg: BenchConfig, options: ClientOptions, image: str, sync: dict[str, Any]
 ) -> None:
     """One client process: warm up, wait for the start signal, make ``cfg.n`` calls, report samples."""
+    from ..._malloc import tune_malloc
+
+    tune_malloc()  # like the parent process: the benchmark measures a tuned client (docs/decisions.md)
     try:
         obs, _ = make_obs(image, seed=index)
         payload = Payload(obs, cfg.payload, cfg.jpeg_quality)

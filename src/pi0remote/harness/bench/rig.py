@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ... import protocol
-from ...options import ClientOptions
+from ...errors import Pi0RemoteError
+from ...options import ClientOptions, naming_url
 from ..percentiles import percentile
 from .config import (
     ALL_TRANSPORTS,
@@ -147,31 +148,28 @@ def call_record(reply: dict[str, Any], prep_ms: float, t_start: float, reply_byt
 
 
 class Measured:
-    """A connected client plus its samples; counts reply bytes by wrapping the transport."""
+    """A connected client plus its samples (reply sizes from the client's ``last_reply_bytes``)."""
 
     def __init__(self, name: str, url: str, client: Any) -> None:
         self.name = name
         self.url = url
         self.client = client
         self.samples: list[dict[str, Any]] = []
-        self._reply_bytes = 0
-        transport = getattr(client, "transport", None)
-        if transport is not None and hasattr(transport, "roundtrip"):
-            inner = transport.roundtrip
-
-            def counted(message: Any) -> Any:
-                kind, body = inner(message)
-                self._reply_bytes = len(body) + 1
-                return kind, body
-
-            transport.roundtrip = counted
 
     def call(self, payload: Payload, t_origin: float, keep: bool) -> None:
         t0 = time.perf_counter()
         obs, prep_ms = payload.prepare()
-        reply = self.client.infer(obs)
+        try:
+            reply = self.client.infer(obs)
+        except Pi0RemoteError as exc:
+            named = naming_url(exc, self.url)
+            if named is exc:
+                raise
+            raise named from exc
         if keep:
-            self.samples.append(call_record(reply, prep_ms, t0 - t_origin, self._reply_bytes))
+            self.samples.append(
+                call_record(reply, prep_ms, t0 - t_origin, getattr(self.client, "last_reply_bytes", 0))
+            )
 
     def close(self) -> None:
         try:
