@@ -554,3 +554,29 @@ def test_output_transform_runs_on_the_device_when_affine_else_on_the_host(fake, 
     o, noise = obs(8), _noise(8)
     ref = exact().openpi_policy.infer(pi0_mod.OpenpiPi0Policy.to_openpi(o), noise=noise)["actions"]
     _close(clipped.infer(o, noise=noise[0])["action"], ref)
+
+
+def test_orbax_metadata_fallback_only_for_that_error(monkeypatch):
+    from pi0remote.policies import pi0_checkpoint
+
+    calls = []
+
+    def openpi_restore(path, **kwargs):
+        calls.append(("openpi", path))
+        if path == "new-orbax":
+            raise TypeError("'StepMetadata' object is not subscriptable")
+        if path == "broken":
+            raise TypeError("something else")
+        return {"params": "openpi's"}
+
+    monkeypatch.setattr(
+        pi0_checkpoint, "restore_params_compat", lambda path, **kw: {"params": "compat", **kw}
+    )
+    mod = type(sys)("fake_model_module")
+    mod.restore_params = openpi_restore
+    with pi0_checkpoint._orbax_compat(mod) as used:
+        assert mod.restore_params("old-orbax", dtype="bf16") == {"params": "openpi's"} and not used
+        assert mod.restore_params("new-orbax", dtype="bf16") == {"params": "compat", "dtype": "bf16"} and used
+        with pytest.raises(TypeError, match="something else"):
+            mod.restore_params("broken")
+    assert mod.restore_params is openpi_restore  # put back after loading
