@@ -411,9 +411,9 @@ def test_fast_batch_is_one_call_and_matches_openpi_per_item(fake):
 
 def test_fast_warmup_compiles_padded_sizes_and_draws_no_noise(fake):
     _needs_jax()
-    policy = pi0_mod.make_pi0_policy(max_batch=4)
+    policy = pi0_mod.make_pi0_policy(max_batch=2)
     policy.warmup()
-    assert {k[0] for k in policy._compiled} == {1, 2, 4}
+    assert {(k[0], k[4]) for k in policy._compiled} == {(1, False), (1, True), (2, False), (2, True)}
     assert policy.metadata.extra["compile_s"] >= 0 and policy.metadata.extra["path"] == "fast"
     fresh = pi0_mod.make_pi0_policy()
     np.testing.assert_array_equal(policy.infer(obs(5))["action"], fresh.infer(obs(5))["action"])
