@@ -8,7 +8,7 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConnectError, ConnectionLost, InvalidURL
+from ..errors import ConnectionLost, InvalidURL
 from .translate import SOCKET, translate
 
 
@@ -145,7 +145,6 @@ def close_quietly(sock: socket.socket | None) -> None:
 
 
 __all__ = [
-    "ConnectError",
     "IdleCheck",
     "check_not_stale",
     "close_quietly",
