@@ -6,7 +6,8 @@
 For every seed, a gym-aloha episode runs blocking (ask, execute ``--execute`` steps of the chunk, ask
 again). At every request after the first, the chunk being executed has ``n = H - execute`` actions left
 (the prefix). For each delay ``d`` the same observation is sent twice: with ``"rtc": {"prefix", d}``
-(guided) and without (plain), and both chunks are compared with the prefix on the first ``d`` steps
+(guided) and without (plain), each right after a policy reset (the flow policy re-seeds its noise
+there, so both start from the same noise draw: a paired comparison), and both chunks are compared with the prefix on the first ``d`` steps
 (``max |new[:d] - prefix[:d]|``, all 14 action dims, robot units). The yardstick is the chunk's own
 step-to-step motion (``max |chunk[i+1] - chunk[i]|``). Prints a Markdown table and writes JSON
 (``--out``).
@@ -29,6 +30,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": float(a.max())}
 
 
+def paired_reset(client: Any) -> None:
+    """Re-seed the policy's noise (the flow policy's ``reset``), so the two requests of a pair share it."""
+    if hasattr(client, "reset"):
+        client.reset()
+
+
 def measure_seed(client: Any, env: Any, seed: int, delays: list[int], execute: int, max_steps: int,
                  images: bool) -> dict[str, list[float]]:  # fmt: skip
     """Errors of guided and plain chunks against the prefix, per delay, over one blocking episode."""
@@ -48,7 +55,9 @@ def measure_seed(client: Any, env: Any, seed: int, delays: list[int], execute: i
             prefix = np.asarray(chunk[execute:], np.float32)
             out["motion"].append(float(np.abs(np.diff(chunk, axis=0)).max()))
             for d in delays:
+                paired_reset(client)  # guided and plain start from the same noise draw
                 guided = client.infer({**obs, "rtc": {"prefix": prefix, "delay_steps": d}})
+                paired_reset(client)
                 plain = client.infer(obs)["action"]
                 out[f"guided_{d}"].append(float(guided["rtc"]["prefix_error"]))
                 out[f"plain_{d}"].append(float(np.abs(plain[:d] - prefix[:d]).max()))

@@ -244,6 +244,29 @@ def test_resolver_skips_unready_stale_and_excluded_and_honours_pin() -> None:
         modal_client.resolve_modal_url(url, {"w": _entry("w", 0, ready=False)})
 
 
+def test_malformed_entries_are_never_chosen_and_garbage_loads_count_as_none() -> None:
+    now = time.time()
+    store: dict[str, Any] = {
+        "good": _entry("good", 3),
+        "portals-list": {**_entry("x", 0), "portals": ["tcp"]},
+        "portal-number": {**_entry("y", 0), "portals": {"tcp": 12}},
+        "nan-beat": {**_entry("z", 0), "heartbeat": float("nan")},
+        "bool-beat": {**_entry("w", 0), "heartbeat": True},
+        "string": "junk",
+        "liar": {**_entry("liar", 0), "load": {"robots": -50, "capacity": float("inf"), "ready": True}},
+        "garbage-load": {**_entry("g", 0), "load": {"robots": "many", "capacity": None}},
+    }
+    live = {e["container_id"] for e in modal_client.live_entries(store, "tcp", max_age_s=60, now=now)}
+    assert live == {"good", "liar", "g"}
+    liar, garbage = store["liar"], store["garbage-load"]
+    assert modal_client.load_ratio(liar) == 0.0 and modal_client.load_ratio(garbage) == 0.0
+    for _ in range(20):
+        target, _, _ = modal_client.resolve_modal_entry("modal://app/tcp", store)
+        assert target in ("tcp://good.host:1", "tcp://liar.host:1", "tcp://g.host:1")
+    loads = [{"robots": float("inf")}, {"robots": "x"}, {"robots": -3}, {"robots": 2}]
+    assert decide(loads, ScalingPolicy(robots_per_container=8)).robots == 2
+
+
 def test_rebalance_moves_only_the_excess_towards_room() -> None:
     entries = [_entry("full", 10), _entry("a", 8), _entry("b", 8), _entry("low", 6)]
     rng = random.Random(1)
@@ -505,6 +528,43 @@ def test_app_autoscaler_settings_and_control_loop() -> None:
     image = f["image"]  # the light image: no openpi in the control loop
     assert image is synchronizer._translate_in(m.control_image)
     assert image is not synchronizer._translate_in(m.image)
+
+
+def test_control_round_sets_the_class_autoscaler(monkeypatch) -> None:
+    """The scheduled function's body, with Modal's Dict and Cls lookups as the only stand-ins."""
+    modal = pytest.importorskip("modal")
+    import pi0remote.modal_app as m
+
+    now = time.time()
+    dicts: dict[str, dict[str, Any]] = {
+        "pi0remote-endpoints": {
+            "a": {"heartbeat": now, "load": {"robots": 8, "capacity": 8}},
+            "b": {"heartbeat": now, "load": {"robots": 3, "capacity": 8}},
+        }
+    }
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    class FakeCls:
+        def __init__(self, app: str, name: str) -> None:
+            self.key = (app, name)
+
+        def __call__(self) -> Any:
+            return self
+
+        def update_autoscaler(self, **settings: Any) -> None:
+            calls.append((*self.key, settings))
+
+    monkeypatch.setattr(modal.Dict, "from_name", lambda name, **kw: dicts.setdefault(name, {}))
+    monkeypatch.setattr(modal.Cls, "from_name", lambda app, name, **kw: FakeCls(app, name))
+    for key in [k for k in os.environ if k.startswith("PI0REMOTE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PI0REMOTE_ROBOTS_PER_CONTAINER", "4")
+    out = m.control_round()
+    assert out["robots"] == 11 and out["min_containers"] == 4  # ceil(11 / 4) + one spare
+    assert calls == [("pi0remote", "Pi0Server", {"min_containers": 4, "buffer_containers": 0})]
+    assert dicts["pi0remote-scaling"]["decision"]["min_containers"] == 4
+    m.control_round()
+    assert len(calls) == 1  # unchanged: Modal is not called again
 
 
 def test_app_autoscaler_environment_overrides(tmp_path) -> None:

@@ -554,3 +554,20 @@ def test_output_transform_runs_on_the_device_when_affine_else_on_the_host(fake, 
     o, noise = obs(8), _noise(8)
     ref = exact().openpi_policy.infer(pi0_mod.OpenpiPi0Policy.to_openpi(o), noise=noise)["actions"]
     _close(clipped.infer(o, noise=noise[0])["action"], ref)
+
+
+def test_prompt_padding_is_cut_to_the_longest_prompt_in_the_call(fake):
+    _needs_jax()
+    policy = pi0_mod.make_pi0_policy()
+    short, long = (
+        obs(1, prompt="Transfer cube"),
+        obs(2, prompt="transfer the red cube to the left arm, slowly"),
+    )
+    noise = _noise(6, 2)
+    for o, n in ((short, noise[:1]), (long, noise[1:])):
+        _close(policy.infer(o, noise=n[0])["action"], _reference(o, n))
+    widths = sorted({k[2][1][1] for k in policy._compiled})
+    assert widths == [16, 48]  # "Transfer cube" fits 16 columns; the long prompt needs all 48
+    whole = pi0_mod.FastPi0Policy(exact().openpi_policy, extra={}, prompt_width_step=None)
+    whole.infer(short)
+    assert {k[2][1][1] for k in whole._compiled} == {48}

@@ -493,9 +493,11 @@ def test_flow_policy_guided_head_follows_the_prefix(flow_states):
     guided, plain = [], []
     for (_, previous), (obs, _) in zip(states, states[1:], strict=False):
         prefix, d = previous[25:], 10  # 25 steps executed, 10 more expected before the new chunk
+        policy.reset()  # guided and plain start from the same noise: a paired comparison
         reply = policy.infer({**obs, "rtc": rtc_field(prefix, d)})
         assert reply["rtc"]["delay_steps"] == d and reply["action"].shape == (50, 14)
         guided.append(reply["rtc"]["prefix_error"])
+        policy.reset()
         plain.append(float(np.abs(policy.infer(obs)["action"][:d] - prefix[:d]).max()))
     assert np.median(guided) < np.median(plain)
 

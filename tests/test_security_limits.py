@@ -181,6 +181,55 @@ def test_a_client_that_never_reads_its_replies_is_dropped() -> None:
         sock.close()
 
 
+def test_a_slow_reader_that_drains_is_kept() -> None:
+    import socket
+
+    limits = {"write_stall_timeout": 0.3}
+    with BackgroundServer(A.TrapPolicy(), token=A.TOKEN, limits=limits) as srv:
+        message = protocol.encode_message(
+            protocol.INFER, {**canonical_obs(), "trap": "huge", "huge_bytes": 3 * 2**20}
+        )
+        sock = socket.socket()
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 32768
+        )  # a small window: the server must wait for us
+        sock.settimeout(5)
+        sock.connect(_addr(srv, "tcp"))
+        sock.sendall(A.hello_frame())
+        A.recv_frame(sock)
+
+        def small_send_buffer() -> None:  # so that the reply waits in the server's own buffer
+            for transport in srv.server.core.transports:
+                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+
+        srv.call(small_send_buffer)
+        sock.sendall(protocol.frame_header(len(message)) + message)
+        got = 0
+        while got < 3 * 2**20:  # one 3 MiB reply read at ~1.3 MB/s: paused for seconds, but always draining
+            chunk = sock.recv(65536)
+            assert chunk, "the server dropped a client that was reading"
+            got += len(chunk)
+            time.sleep(0.05)  # pacing: this is the slow reader
+        sock.close()
+
+
+def test_openpi_listener_is_bounded_too() -> None:
+    from websockets.sync.client import connect as ws_connect
+
+    from pi0remote.server.openpi_ws import openpi_packb
+
+    limits = {"max_connections_per_ip": 4}
+    with BackgroundServer(A.TrapPolicy(), openpi_port=0, limits=limits) as srv:
+        addr = _addr(srv, "openpi")
+        socks, _ = A.open_many(addr, 6)
+        assert A.count_closed(socks, wait=1.0) == 2
+        A.close_all(socks)
+        with ws_connect(f"ws://{addr[0]}:{addr[1]}") as ws:
+            ws.recv(timeout=5)  # metadata
+            ws.send(openpi_packb({"images": {"cam_high": [[[300]]]}, "state": [0.0] * 14}))
+            assert "invalid_input" in ws.recv(timeout=5)
+
+
 def test_preauth_byte_budget(trap) -> None:
     with A.attacker_socket(_addr(trap, "tcp")) as sock:
         sock.sendall(struct.pack("!I", 200_000) + bytes(100_000))  # 100 KB before any HELLO

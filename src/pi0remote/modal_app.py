@@ -233,8 +233,8 @@ control_image = (
 )
 
 
-def autoscale() -> dict[str, Any]:
-    """One round of the control loop (scheduled every ``PI0REMOTE_AUTOSCALE_S`` seconds; see scaling.py)."""
+def control_round() -> dict[str, Any]:
+    """One round of the control loop: the published loads in, ``Pi0Server``'s autoscaler set (scaling.py)."""
     config = deploy.DeployConfig.from_env()
     server = modal.Cls.from_name(config.app_name, CLASS_NAME)()
     decision = scaling.autoscale_once(
@@ -245,6 +245,11 @@ def autoscale() -> dict[str, Any]:
     )
     print(f"autoscaler: {decision.to_dict()}")
     return decision.to_dict()
+
+
+def autoscale() -> dict[str, Any]:
+    """The control loop, scheduled every ``PI0REMOTE_AUTOSCALE_S`` seconds."""
+    return control_round()
 
 
 if CONFIG.autoscale_s > 0:
@@ -258,6 +263,7 @@ if CONFIG.autoscale_s > 0:
 
 __all__ = [
     "autoscale",
+    "control_round",
     "CLASS_NAME",
     "CONFIG",
     "OPENPI_GIT_COMMIT",

@@ -66,7 +66,7 @@ class ScalingDecision:
 def _robots(load: Mapping[str, Any]) -> int:
     try:
         return max(0, int(load.get("robots") or 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 

@@ -52,7 +52,7 @@ COLLECT_KEYS = ("episodes", "seed", "noise_max", "clean_fraction", "push_prob", 
 class Recipe:
     episodes: int = 500
     seed: int = 0
-    steps: int = 8000
+    steps: int = 20000
     batch: int = 256
     lr: float = 1e-3
     warmup: int = 300

@@ -1,28 +1,31 @@
-"""``modal://APP/TRANSPORT``: find a pi0remote deployment on Modal and return the URL to connect to.
-
-``connect("modal://pi0remote/tcp")`` resolves here, then connects with the ordinary client of that transport:
+"""``modal://APP/TRANSPORT``: find a pi0remote deployment on Modal, choose a container, keep the robot served.
 
 ==============================  ==========================================================================
-``modal://APP/tcp``             the newest live container's raw TCP portal, ``tcp://host:port``
+``modal://APP/tcp``             a live, ready container's raw TCP portal, ``tcp://host:port``
 ``modal://APP/quic+tcp``        its QUIC-over-TCP portal, ``quic+tcp://host:port`` plus ``quic_fingerprint``
 ``modal://APP/ws``              the web endpoint's WebSocket, ``wss://…modal.run/ws``
 ``modal://APP/http``            the web endpoint, ``https://…modal.run``
 ==============================  ==========================================================================
 
-Portals come from the ``modal.Dict`` named ``APP-endpoints`` where each container publishes its entry
-(``pi0remote.deploy``) and refreshes a heartbeat every ``heartbeat_s`` seconds. An entry is *live* while its
-heartbeat is younger than ``max_age`` seconds (default 60, four missed heartbeats; ``?max_age=S`` or
-``PI0REMOTE_PORTAL_MAX_AGE_S``); among live entries the most recently started container wins. The web URL
-comes from the deployed class's ASGI method through the Modal SDK.
+Portals come from the ``modal.Dict`` named ``APP-endpoints`` where each container publishes its entry and load
+(``pi0remote.deploy``) with a heartbeat. An entry is *live* while its heartbeat is younger than ``max_age``
+seconds (default 60; ``?max_age=S`` or ``PI0REMOTE_PORTAL_MAX_AGE_S``). Among live, ready entries the power of
+two choices on robots per capacity picks one (:func:`choose_entry`); ``?pin=ID`` takes that container only.
+For the portals, ``connect()`` returns a :class:`FailoverClient` (``aconnect()``: :class:`AsyncFailoverClient`):
+the ordinary client of the chosen container, re-resolved when that container goes away
+(``?failover_s=``, default 10; ``0``: a plain client) and moved to even the fleet out (:func:`rebalance_target`,
+``?rebalance=0`` to stay); its watcher reads the Dict every ``?watch_s=`` (default 1). The web URL comes from
+the deployed class's ASGI method through the Modal SDK (Modal routes those requests itself).
 
-Query options: ``?environment=NAME`` (Modal environment), ``?max_age=SECONDS``. The token defaults to
-``$PI0REMOTE_TOKEN``. Tests pass ``modal_store=`` (any mapping) instead of the Modal Dict.
+Other options: ``?environment=NAME`` (Modal environment). The token defaults to ``$PI0REMOTE_TOKEN``. Tests
+pass ``modal_store=`` (any mapping) instead of the Modal Dict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import threading
@@ -78,22 +81,35 @@ def live_entries(
     t = time.time() if now is None else now
     found = []
     for _, entry in list(store.items()):
-        if not isinstance(entry, Mapping):
-            continue
-        portal = (entry.get("portals") or {}).get(transport)
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("portals"), Mapping):
+            continue  # not an entry (or a malformed one): never chosen
+        portal = entry["portals"].get(transport)
         beat = entry.get("heartbeat")
-        if not portal or not isinstance(beat, (int, float)):
+        if not isinstance(portal, str) or not portal or not _number(beat):
             continue
-        if t - beat > max_age_s:
+        if not t - beat <= max_age_s:
             continue
         found.append(dict(entry))
-    found.sort(key=lambda e: (e.get("started_at") or 0.0, e.get("heartbeat") or 0.0), reverse=True)
+    found.sort(key=lambda e: (_number(e.get("started_at")), e["heartbeat"]), reverse=True)
     return found
+
+
+def _number(value: Any) -> float:
+    """``value`` as a finite float, else 0.0 (loads and timestamps come from a store anyone may write)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return float(value)
 
 
 def _load(entry: Mapping[str, Any]) -> Mapping[str, Any]:
     load = entry.get("load")
     return load if isinstance(load, Mapping) else {}
+
+
+def _robots_capacity(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """Published robots (at least 0) and batch capacity (at least 1); garbage counts as no load."""
+    load = _load(entry)
+    return max(0.0, _number(load.get("robots"))), max(1.0, _number(load.get("capacity")))
 
 
 def is_ready(entry: Mapping[str, Any]) -> bool:
@@ -103,13 +119,8 @@ def is_ready(entry: Mapping[str, Any]) -> bool:
 
 def load_ratio(entry: Mapping[str, Any]) -> float:
     """Connected robots per unit of batch capacity (0 for a container that publishes no load)."""
-    load = _load(entry)
-    try:
-        robots = float(load.get("robots") or 0)
-        capacity = float(load.get("capacity") or 1)
-    except (TypeError, ValueError):
-        return 0.0
-    return robots / max(1.0, capacity)
+    robots, capacity = _robots_capacity(entry)
+    return robots / capacity
 
 
 def choose_entry(entries: list[dict[str, Any]], rng: random.Random | None = None) -> dict[str, Any]:
@@ -251,14 +262,6 @@ def resolve_modal_url(url: str, modal_store: Any = None) -> tuple[str, dict[str,
 
 
 # -- rebalancing and failover -----------------------------------------------------------------------
-
-
-def _robots_capacity(entry: Mapping[str, Any]) -> tuple[float, float]:
-    load = _load(entry)
-    try:
-        return float(load.get("robots") or 0), max(1.0, float(load.get("capacity") or 1))
-    except (TypeError, ValueError):
-        return 0.0, 1.0
 
 
 def rebalance_target(

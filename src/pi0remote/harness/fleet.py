@@ -55,13 +55,19 @@ class FleetConfig:
             raise ValueError("--fleet and --clients must be at least 1")
         if self.kill_one_at is not None and not 0 < self.kill_one_at < self.duration_s:
             raise ValueError("--kill-one-at must fall inside --fleet-duration")
+        if self.transport not in ("tcp", "quic+tcp"):
+            raise ValueError("a fleet serves the portals: --transport tcp or quic+tcp")
         if self.kill_one_at is not None and self.containers < 2:
             raise ValueError("--kill-one-at needs at least two containers (--fleet 2)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, policy_default: str | None = None) -> FleetConfig:
         policy = args.policy if args.policy and args.policy != policy_default else DEFAULT_POLICY
+        asked = getattr(args, "transport", None)
+        asked = asked if isinstance(asked, list) else [asked]
+        portal = asked[0] if len(asked) == 1 and asked[0] in ("tcp", "quic+tcp") else "tcp"
         return cls(
+            transport=portal,
             containers=args.fleet,
             clients=max(1, args.clients),
             duration_s=args.fleet_duration,

@@ -36,6 +36,7 @@ JAX (and the weights' format, numpy ``.npz``) are imported only when the policy 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,7 @@ class FlowPolicy:
         self.weights_path = str(path)
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
+        self._lock = threading.Lock()  # the noise generator is shared by every caller
         info = getattr(self.model, "info", {})
         self.guidance = rtc.FlowGuidance(
             conditioned_velocity, num_steps=self.model.num_steps, horizon=HORIZON, action_dim=ACTION_DIM,
@@ -399,7 +401,8 @@ class FlowPolicy:
         cube = np.zeros((size, 2), np.float32)
         for i, (s, c) in enumerate(parsed):
             state[i], cube[i] = s, c
-        noise = self._rng.standard_normal((size, HORIZON, ACTION_DIM), dtype=np.float32)
+        with self._lock:
+            noise = self._rng.standard_normal((size, HORIZON, ACTION_DIM), dtype=np.float32)
         cond = self.model.condition(state, cube)
         if any(r is not None for r in requests):
             norm = self.model.normalizer
@@ -411,7 +414,8 @@ class FlowPolicy:
 
     def reset(self) -> None:
         """Re-seed the noise, so an episode's samples do not depend on the episodes before it."""
-        self._rng = np.random.default_rng(self.seed)
+        with self._lock:
+            self._rng = np.random.default_rng(self.seed)
 
 
 def make_flow_policy(weights: str | None = None, **options: Any) -> FlowPolicy:

@@ -41,6 +41,19 @@ from .pi0_host import CAMERAS, HostInputs, HostPlan, group_key, kept_slots
 
 __all__ = ["FastPi0Policy"]
 
+PROMPT_WIDTH_STEP = 16
+"""Prompt token columns are cut after the last one any request uses, rounded up to a multiple of this: the
+cut columns are padding that every mask leaves out (attended by nothing, and after every real token, so no
+position moves). One compiled shape per width; warm-up compiles the default prompt's."""
+
+
+def _prompt_width(token_mask: np.ndarray, step: int | None) -> int:
+    used = np.flatnonzero(token_mask.any(axis=0))
+    full = int(token_mask.shape[1])
+    if used.size == 0 or not step:
+        return full
+    return min(full, -(-(int(used[-1]) + 1) // step) * step)
+
 
 class FastPi0Policy(_Pi0Base):
     """π₀ served from an openpi ``Policy`` through one compiled function (see the module docstring)."""
@@ -54,8 +67,11 @@ class FastPi0Policy(_Pi0Base):
         default_prompt: str | None = None,
         rtc_beta: float = rtc.DEFAULT_BETA,
         rtc_schedule: str = rtc.DEFAULT_SCHEDULE,
+        prompt_width_step: int | None = PROMPT_WIDTH_STEP,
     ) -> None:
         model = openpi_policy._model
+        self.prompt_width_step = prompt_width_step
+        """None: keep openpi's whole prompt window (the same program shapes as openpi's, for comparisons)."""
         super().__init__({**extra, "path": "fast"}, int(model.action_horizon))
         jax, nnx, self._model_mod, transforms_mod = _import_openpi(
             "jax", "flax.nnx", "openpi.models.model", "openpi.transforms"
@@ -144,11 +160,11 @@ class FastPi0Policy(_Pi0Base):
         with self._compile_lock:
             fn = self._compiled.get(key)
             if fn is None:
-                size, slots, _, noise_given, guided = key
+                size, slots, (_, tokens), noise_given, guided = key
                 t0 = time.perf_counter()
                 fn = self._forward(slots, noise_given, guided).lower(*args).compile()
                 secs = round(time.perf_counter() - t0, 3)
-                tag = f"{size}x{'+'.join(slots)}{'+noise' if noise_given else ''}{'+rtc' if guided else ''}"
+                tag = f"{size}x{'+'.join(slots)}x{tokens[1]}tok{'+noise' if noise_given else ''}{'+rtc' if guided else ''}"
                 self.compile_s[tag] = secs
                 self.metadata.extra["compile_s_by_batch"] = dict(self.compile_s)
                 logger.info("pi0 fast path: compiled %s in %.1f s", tag, secs)
@@ -170,12 +186,14 @@ class FastPi0Policy(_Pi0Base):
                 cams.append(rows[0].frames[src][np.newaxis])
             else:
                 cams.append(np.stack([r.frames[src] for r in rows]))
+        tokens, token_mask = np.stack([r.tokens for r in rows]), np.stack([r.token_mask for r in rows])
+        width = _prompt_width(token_mask, self.prompt_width_step)
         arrays = (
             tuple(cams),
             np.stack([r.masks[list(keep)] for r in rows]),
             np.stack([r.state for r in rows]),
-            np.stack([r.tokens for r in rows]),
-            np.stack([r.token_mask for r in rows]),
+            tokens[:, :width],
+            token_mask[:, :width],
         )
         return tuple(layout.slots[i] for i in keep), arrays
 
@@ -204,12 +222,15 @@ class FastPi0Policy(_Pi0Base):
             noise = np.asarray(noise, np.float32).reshape(-1, self.action_horizon, self.action_dim)
             noise = np.concatenate([noise, np.zeros((size - n, *noise.shape[1:]), np.float32)])
         guide = self._guide(items, size)
-        key = (size, slots, tuple(a.shape for a in arrays[0]), noise is not None, guide is not None)
+        shapes = (tuple(a.shape for a in arrays[0]), arrays[3].shape)
+        key = (size, slots, shapes, noise is not None, guide is not None)
         with self._lock:
-            args = (self._params, self._rng, *arrays, noise, guide)
-            fn = self._compiled.get(key) or self._compiled_for(key, args)
+            fn = self._compiled.get(key)
+            if fn is None:
+                fn = self._compiled_for(key, (self._params, self._rng, *arrays, noise, guide))
             t1 = time.perf_counter()
-            out, rng = fn(*args)
+            inputs = self._jax.device_put((arrays, noise, guide))  # one transfer for every input
+            out, rng = fn(self._params, self._rng, *inputs[0], inputs[1], inputs[2])
             chunks = np.asarray(out)  # blocks until the chunk is on the host
             t2 = time.perf_counter()
             if noise is None:

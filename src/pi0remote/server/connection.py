@@ -67,6 +67,7 @@ class MessageConnection:
         handshake_timeout: float | None = None,
         write_stall_timeout: float | None = None,
         abort: Callable[[], None] | None = None,
+        write_buffered: Callable[[], int] | None = None,
     ) -> None:
         self.core = core
         self.session = session
@@ -86,6 +87,8 @@ class MessageConnection:
         self._write_resumed: asyncio.Event | None = None
         self._stall_timeout = write_stall_timeout
         self._stall: asyncio.TimerHandle | None = None
+        self._write_buffered = write_buffered
+        self._stall_bytes = -1
         self._handshake: asyncio.TimerHandle | None = None
         if handshake_timeout and not session.authenticated:
             self._handshake = asyncio.get_running_loop().call_later(handshake_timeout, self._on_handshake)
@@ -107,7 +110,8 @@ class MessageConnection:
         loop = asyncio.get_running_loop()
         if paused:
             if self._stall is None and self._stall_timeout:
-                self._stall = loop.call_later(self._stall_timeout, self.abort)
+                self._stall_bytes = self._write_buffered() if self._write_buffered else -1
+                self._stall = loop.call_later(self._stall_timeout, self._on_stall)
         else:
             if self._stall is not None:
                 self._stall.cancel()
@@ -115,6 +119,16 @@ class MessageConnection:
             if self._write_resumed is not None:
                 self._write_resumed.set()
         self._update_reading()
+
+    def _on_stall(self) -> None:
+        """Still paused after ``write_stall_timeout``: drop the client, unless it read something meanwhile."""
+        self._stall = None
+        now = self._write_buffered() if self._write_buffered else -1
+        if 0 <= now < self._stall_bytes and self._stall_timeout and not self.closed:
+            self._stall_bytes = now  # a slow reader, not a stalled one
+            self._stall = asyncio.get_running_loop().call_later(self._stall_timeout, self._on_stall)
+            return
+        self.abort()
 
     def abort(self) -> None:
         """Drop the connection at once (a client that does not read its replies)."""

@@ -123,6 +123,11 @@ class ServerCore:
         """Open client connections' transports, closed when the server stops."""
 
     @property
+    def outbound_cap(self) -> int:
+        """Unsent reply bytes past which a connection is dropped: the limit, but always room for one reply."""
+        return max(self.limits.max_outbound_bytes, self.max_message_bytes + 65536)
+
+    @property
     def ready(self) -> bool:
         """True once warm and while no policy call is stuck past ``--policy-timeout`` (``/healthz``)."""
         return self._ready and not self.runner.stuck

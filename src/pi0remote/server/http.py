@@ -169,6 +169,7 @@ class HttpProtocol(asyncio.Protocol):
             abort=transport.abort,
             idle_timeout=self.idle_timeout,
             write_stall_timeout=self.core.limits.write_stall_timeout,
+            write_buffered=transport.get_write_buffer_size,
         )
         self._arm_head_timer()
 
@@ -228,7 +229,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
-            if transport.get_write_buffer_size() > self.core.limits.max_outbound_bytes:
+            if transport.get_write_buffer_size() > self.core.outbound_cap:
                 transport.abort()  # a client that does not read its replies
 
     def data_received(self, data: bytes) -> None:
@@ -405,7 +406,7 @@ class WebSocketSession:
 
         self.proto = ServerProtocol(max_size=max_message_bytes)
         self.max_message_bytes = max_message_bytes
-        self.max_outbound = core.limits.max_outbound_bytes
+        self.max_outbound = core.outbound_cap
         self.proto.receive_data(request.head)
         events = self.proto.events_received()
         if not events or not isinstance(events[0], Request):
@@ -427,6 +428,7 @@ class WebSocketSession:
             idle_timeout=idle_timeout,
             pause=self._pause,
             write_stall_timeout=core.limits.write_stall_timeout,
+            write_buffered=transport.get_write_buffer_size,
         )
         self._fragment_bytes = 0
         self._flush()

@@ -42,12 +42,15 @@ from .. import codec
 from ..errors import CodecError, InvalidInputError, ProtocolError, RemotePolicyError, to_wire
 from .connection import set_nodelay
 from .core import ServerCore
+from .limits import admit_transport
 
 PING_INTERVAL = 20.0
 """Seconds between keepalive pings on an open connection (openpi's server uses the same)."""
 PING_TIMEOUT = 20.0
 """Seconds a peer has to answer a ping before the connection is closed."""
 HANDSHAKE_TIMEOUT = 10.0
+MAX_QUEUED = 8
+"""Requests waiting on one connection before it stops reading (the rest wait in the socket)."""
 """Seconds a new TCP connection has to complete its upgrade request (the idle timeout when shorter)."""
 ERROR_CLOSE_REASON = "Internal server error. Error message in previous frame."
 ERROR_PREFIX = "pi0remote "
@@ -199,19 +202,29 @@ class OpenpiConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._ping: bytes | None = None
         self.dialect = OpenpiDialect()
+        self._addr: Any = None
+        self._fragment_bytes = 0
+        self._reading_paused = False
 
     # -- transport callbacks --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._addr = admit_transport(self.core.gate, transport)  # connection limits (docs/security.md)
+        if self._addr is None:
+            self.closed = True
+            return
         self.transport = transport
         set_nodelay(transport)
         self.listener.connections.add(self)
-        limit = HANDSHAKE_TIMEOUT
+        limit = self.core.limits.handshake_timeout or HANDSHAKE_TIMEOUT
         if self.listener.idle_timeout:
             limit = min(limit, self.listener.idle_timeout)
         self._set_timer(limit, self._abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._addr is not None:
+            self.core.gate.release(self._addr)
+            self._addr = None
         self.closed = True
         self.listener.connections.discard(self)
         self._set_timer(None, None)
@@ -316,10 +329,15 @@ class OpenpiConnection(asyncio.Protocol):
         if frame.opcode != Opcode.CONT:
             self._first_opcode = frame.opcode
         self._fragments.append(frame.data)
+        self._fragment_bytes += len(frame.data)
+        if self._fragment_bytes > self.listener.max_message_bytes:  # fragments add up to one message
+            self._fragments, self._fragment_bytes = [], 0
+            self._fail(1009, "message over the size limit")
+            return
         if not frame.fin:
             return
         message = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
-        self._fragments = []
+        self._fragments, self._fragment_bytes = [], 0
         self._message(self._first_opcode == Opcode.BINARY, message)
 
     def _message(self, binary: bool, data: bytes) -> None:
@@ -333,13 +351,22 @@ class OpenpiConnection(asyncio.Protocol):
                 self._error(exc)
             return
         self._inbox.append((binary, data))
+        self._set_reading(len(self._inbox) < MAX_QUEUED)  # pipelined requests wait in the socket
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self.transport
+        if transport is not None and reading == self._reading_paused and not transport.is_closing():
+            self._reading_paused = not reading
+            (transport.resume_reading if reading else transport.pause_reading)()
 
     async def _serve(self) -> None:
         try:
             while self._inbox and not self.closed:
                 binary, data = self._inbox.popleft()
+                if len(self._inbox) < MAX_QUEUED // 2:
+                    self._set_reading(True)
                 try:
                     payload = self._payload(binary, data)
                     self._send_reply(await self.core.infer(payload, client=id(self), dialect=self.dialect))
@@ -362,6 +389,9 @@ class OpenpiConnection(asyncio.Protocol):
         self.proto.send_binary(message)
         self._flush()
         self.dialect.sent()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.core.outbound_cap:
+            transport.abort()  # a client that does not read its replies
 
     def _error(self, exc: Exception) -> None:
         if self.closed:

@@ -121,7 +121,7 @@ class QuicPeer(qc.LoopDriver):
         self.quic.send_stream_data(self.stream_id, protocol.frame_header(len(message)) + message)
         self._last_reply_at = self.loop.time()
         self.transmit()
-        if compat.send_buffered(self.quic, self.stream_id) > self.core.limits.max_outbound_bytes:
+        if compat.send_buffered(self.quic, self.stream_id) > self.core.outbound_cap:
             self.conn.closed = True
             self._close_now("replies not read")
 

@@ -57,6 +57,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
             pause=self._pause,
             handshake_timeout=limits.handshake_timeout,
             write_stall_timeout=limits.write_stall_timeout,
+            write_buffered=transport.get_write_buffer_size,
         )
 
     def _pause(self, paused: bool) -> None:
@@ -75,7 +76,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(protocol.frame_header(len(message)) + message)
-            if transport.get_write_buffer_size() > self.core.limits.max_outbound_bytes:
+            if transport.get_write_buffer_size() > self.core.outbound_cap:
                 transport.abort()  # a client that does not read its replies
 
     def get_buffer(self, sizehint: int) -> memoryview:
