@@ -49,10 +49,6 @@ def _import_policies_alone() -> None:
         sys.modules["pi0remote"] = pkg
 
 
-class _Skipped(Exception):
-    pass
-
-
 def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(xs), q)), 3) if xs else float("nan")
 
@@ -201,6 +197,134 @@ def openpi_breakdown(op: Any, obs_list: list[dict[str, Any]], n: int) -> dict[st
     return {k: pct(v, 50) for k, v in steps.items()}
 
 
+def three_slots_part(policy: Any, obs_list: list[dict[str, Any]], args: Any) -> dict[str, Any]:
+    """The same weights with openpi's three ALOHA image slots (two masked), as openpi's layout computes."""
+    import jax
+
+    from pi0remote.policies.pi0 import RandomWeightsPi0Policy
+
+    p3 = RandomWeightsPi0Policy(num_steps=args.num_steps, image_slots=3, weights=policy.weights)
+    p3.warmup()
+    out: dict[str, Any] = {"compile_s": p3.metadata.extra.get("compile_s")}
+    out["batch1"] = time_infer(p3, obs_list, args.n)
+    out["batches"] = time_batches(p3, obs_list, [8], args.batch_iters)
+    key = jax.random.key(7)
+    policy._rng, p3._rng = key, key
+    a1 = policy.infer(obs_list[0])["action"]
+    a3 = p3.infer(obs_list[0])["action"]
+    out["max_abs_diff_vs_one_slot"] = float(np.max(np.abs(a1 - a3)))
+    out["max_abs_action"] = float(np.max(np.abs(a1)))
+    t = out
+    print(
+        f"[2] 3 slots: compile {t['compile_s']} s, inference_ms p50 {t['batch1']['inference_ms']['p50']}, "
+        f"max |1 slot - 3 slots| {t['max_abs_diff_vs_one_slot']:.3g} (max |a| {t['max_abs_action']:.3g})"
+    )
+    return out
+
+
+def adapter_check(
+    op: Any, key: Any, ref: np.ndarray, obs_list: list[dict[str, Any]], args: Any, fast: bool
+) -> dict[str, Any]:
+    """pi0remote's ``--exact`` adapter around openpi's Policy: same actions as ``Policy.infer``? and its timing."""
+    from pi0remote.policies.pi0 import OpenpiPi0Policy
+
+    name = "adapter_fast_host" if fast else "adapter_openpi_host"
+    adapter = OpenpiPi0Policy(op, extra={"config": "pi0_aloha_sim (random weights)"}, fast_host=fast)
+    op._rng = key
+    got = adapter.infer(obs_list[0])["action"]
+    c: dict[str, Any] = {
+        "exact": bool(np.array_equal(ref, got)),
+        "max_abs_diff": float(np.max(np.abs(ref - got))),
+    }
+    # batch: item i against the i-th of sequential openpi calls
+    op._rng = key
+    seq = [np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32) for o in obs_list[:4]]
+    op._rng = key
+    t0 = time.perf_counter()
+    bat = [r["action"] for r in adapter.infer_batch(obs_list[:4])]
+    c["batch4_first_call_s"] = round(time.perf_counter() - t0, 2)
+    c["batch4_max_abs_diff_vs_sequential"] = float(
+        max(np.max(np.abs(a - b)) for a, b in zip(seq, bat, strict=True))
+    )
+    c["batch1"] = time_infer(adapter, obs_list, args.n)
+    c["batches"] = time_batches(adapter, obs_list, [4], args.batch_iters)
+    ab = c["batch1"]
+    print(
+        f"[3] {name}: == openpi Policy.infer: {c['exact']} (max diff {c['max_abs_diff']:.3g}); "
+        f"batch-4 vs sequential max diff "
+        f"{c['batch4_max_abs_diff_vs_sequential']:.3g}"
+    )
+    print(
+        f"[3] {name}: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
+        f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}"
+    )
+    return c
+
+
+def openpi_part(policy: Any, obs_list: list[dict[str, Any]], args: Any) -> dict[str, Any]:
+    """openpi's Policy around the same weights (its own timing and steps), and pi0remote's adapter around it."""
+    import jax
+
+    from pi0remote.policies.pi0 import OpenpiPi0Policy
+
+    op = openpi_policy_around(policy.weights)
+    key = jax.random.key(11)
+    op._rng = key
+    t0 = time.perf_counter()
+    ref = np.asarray(op.infer(OpenpiPi0Policy.to_openpi(obs_list[0]))["actions"], np.float32)
+    check: dict[str, Any] = {"first_call_s": round(time.perf_counter() - t0, 2)}
+    check["max_abs_action"] = float(np.max(np.abs(ref)))
+    # openpi's own Policy.infer: wall clock vs its policy_timing.infer_ms
+    own_ms, own_wall = [], []
+    for i in range(args.n):
+        data = OpenpiPi0Policy.to_openpi(obs_list[i % len(obs_list)])
+        t0 = time.perf_counter()
+        r = op.infer(data)
+        own_wall.append((time.perf_counter() - t0) * 1000)
+        own_ms.append(r["policy_timing"]["infer_ms"])
+    check["openpi_policy_infer"] = {"policy_timing_infer_ms": stats(own_ms), "wall_ms": stats(own_wall)}
+    print(f"[3] openpi Policy.infer: wall p50 {pct(own_wall, 50)}, its infer_ms p50 {pct(own_ms, 50)}")
+    check["openpi_steps_ms"] = openpi_breakdown(op, obs_list, args.n)
+    print("[3] openpi Policy.infer steps, p50 ms:", json.dumps(check["openpi_steps_ms"]))
+    for fast in (False, True):
+        name = "adapter_fast_host" if fast else "adapter_openpi_host"
+        check[name] = adapter_check(op, key, ref, obs_list, args, fast)
+    return check
+
+
+def served_part(result: dict[str, Any], obs_list: list[dict[str, Any]], args: Any) -> Any:
+    """The random-weights policy as served: build, warm-up, batch-1 timing; returns the policy."""
+    _import_policies_alone()
+    from pi0remote.policies.pi0 import make_pi0_policy
+
+    t0 = time.perf_counter()
+    policy = make_pi0_policy(random_weights=True, num_steps=args.num_steps)
+    result["build_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    policy.warmup()
+    result["warmup_s"] = round(time.perf_counter() - t0, 2)
+    result["compile_s"] = policy.metadata.extra.get("compile_s")
+    result["metadata"] = policy.metadata.to_dict()
+    print(f"[1] build {result['build_s']} s, warmup {result['warmup_s']} s, compile {result['compile_s']} s")
+    result["batch1"] = b1 = time_infer(policy, obs_list, args.n)
+    print(
+        f"[1] batch 1 x{args.n}: inference_ms p50 {b1['inference_ms']['p50']} p95 {b1['inference_ms']['p95']}; "
+        f"wall p50 {b1['wall_ms']['p50']} p95 {b1['wall_ms']['p95']}"
+    )
+    return policy
+
+
+def run_part(result: dict[str, Any], name: str, part: str, parts: set[str], fn: Any) -> None:
+    """Run one optional part into ``result[name]``; a failure is recorded and the next part still runs."""
+    if part not in parts:
+        return
+    try:
+        result[name] = fn()
+    except Exception:  # noqa: BLE001
+        result[f"{name}_error"] = traceback.format_exc()
+        print(result[f"{name}_error"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50, help="timed batch-1 calls")
@@ -226,125 +350,16 @@ def main() -> int:
     rng = np.random.default_rng(0)
     obs_list = [make_obs(rng) for _ in range(8)]
 
-    # 1. the random-weights policy as served
-    _import_policies_alone()
-    from pi0remote.policies.pi0 import OpenpiPi0Policy, RandomWeightsPi0Policy, make_pi0_policy
-
-    t0 = time.perf_counter()
-    policy = make_pi0_policy(random_weights=True, num_steps=args.num_steps)
-    result["build_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    policy.warmup()
-    result["warmup_s"] = round(time.perf_counter() - t0, 2)
-    result["compile_s"] = policy.metadata.extra.get("compile_s")
-    result["metadata"] = policy.metadata.to_dict()
-    print(f"[1] build {result['build_s']} s, warmup {result['warmup_s']} s, compile {result['compile_s']} s")
-    result["batch1"] = time_infer(policy, obs_list, args.n)
+    policy = served_part(result, obs_list, args)
     b1 = result["batch1"]
-    print(
-        f"[1] batch 1 x{args.n}: inference_ms p50 {b1['inference_ms']['p50']} p95 {b1['inference_ms']['p95']}; "
-        f"wall p50 {b1['wall_ms']['p50']} p95 {b1['wall_ms']['p95']}"
-    )
     save()
     parts = set(args.parts.split(","))
     result["batches"] = time_batches(policy, obs_list, sizes, args.batch_iters) if "batches" in parts else {}
     save()
 
-    # 2. three image slots (the checkpoint path's layout), same weights
-    try:
-        if "slots" not in parts:
-            raise _Skipped
-        import jax
-
-        p3 = RandomWeightsPi0Policy(num_steps=args.num_steps, image_slots=3, weights=policy.weights)
-        p3.warmup()
-        result["three_slots"] = {"compile_s": p3.metadata.extra.get("compile_s")}
-        result["three_slots"]["batch1"] = time_infer(p3, obs_list, args.n)
-        result["three_slots"]["batches"] = time_batches(p3, obs_list, [8], args.batch_iters)
-        key = jax.random.key(7)
-        policy._rng, p3._rng = key, key
-        a1 = policy.infer(obs_list[0])["action"]
-        a3 = p3.infer(obs_list[0])["action"]
-        result["three_slots"]["max_abs_diff_vs_one_slot"] = float(np.max(np.abs(a1 - a3)))
-        result["three_slots"]["max_abs_action"] = float(np.max(np.abs(a1)))
-        t = result["three_slots"]
-        print(
-            f"[2] 3 slots: compile {t['compile_s']} s, inference_ms p50 {t['batch1']['inference_ms']['p50']}, "
-            f"max |1 slot - 3 slots| {t['max_abs_diff_vs_one_slot']:.3g} (max |a| {t['max_abs_action']:.3g})"
-        )
-    except _Skipped:
-        pass
-    except Exception:  # noqa: BLE001
-        result["three_slots_error"] = traceback.format_exc()
-        print(result["three_slots_error"])
+    run_part(result, "three_slots", "slots", parts, lambda: three_slots_part(policy, obs_list, args))
     save()
-
-    # 3. openpi's Policy and pi0remote's checkpoint adapter around it
-    try:
-        if "openpi" not in parts:
-            raise _Skipped
-        import jax
-
-        op = openpi_policy_around(policy.weights)
-        key = jax.random.key(11)
-        op._rng = key
-        t0 = time.perf_counter()
-        ref = np.asarray(op.infer(OpenpiPi0Policy.to_openpi(obs_list[0]))["actions"], np.float32)
-        check: dict[str, Any] = {"first_call_s": round(time.perf_counter() - t0, 2)}
-        check["max_abs_action"] = float(np.max(np.abs(ref)))
-        # openpi's own Policy.infer: wall clock vs its policy_timing.infer_ms
-        own_ms, own_wall = [], []
-        for i in range(args.n):
-            data = OpenpiPi0Policy.to_openpi(obs_list[i % len(obs_list)])
-            t0 = time.perf_counter()
-            r = op.infer(data)
-            own_wall.append((time.perf_counter() - t0) * 1000)
-            own_ms.append(r["policy_timing"]["infer_ms"])
-        check["openpi_policy_infer"] = {"policy_timing_infer_ms": stats(own_ms), "wall_ms": stats(own_wall)}
-        print(f"[3] openpi Policy.infer: wall p50 {pct(own_wall, 50)}, its infer_ms p50 {pct(own_ms, 50)}")
-        check["openpi_steps_ms"] = openpi_breakdown(op, obs_list, args.n)
-        print("[3] openpi Policy.infer steps, p50 ms:", json.dumps(check["openpi_steps_ms"]))
-        for fast in (False, True):
-            name = "adapter_fast_host" if fast else "adapter_openpi_host"
-            adapter = OpenpiPi0Policy(op, extra={"config": "pi0_aloha_sim (random weights)"}, fast_host=fast)
-            op._rng = key
-            got = adapter.infer(obs_list[0])["action"]
-            c: dict[str, Any] = {
-                "exact": bool(np.array_equal(ref, got)),
-                "max_abs_diff": float(np.max(np.abs(ref - got))),
-            }
-            # batch: item i against the i-th of sequential openpi calls
-            op._rng = key
-            seq = [
-                np.asarray(op.infer(OpenpiPi0Policy.to_openpi(o))["actions"], np.float32)
-                for o in obs_list[:4]
-            ]
-            op._rng = key
-            t0 = time.perf_counter()
-            bat = [r["action"] for r in adapter.infer_batch(obs_list[:4])]
-            c["batch4_first_call_s"] = round(time.perf_counter() - t0, 2)
-            c["batch4_max_abs_diff_vs_sequential"] = float(
-                max(np.max(np.abs(a - b)) for a, b in zip(seq, bat, strict=True))
-            )
-            c["batch1"] = time_infer(adapter, obs_list, args.n)
-            c["batches"] = time_batches(adapter, obs_list, [4], args.batch_iters)
-            check[name] = c
-            ab = c["batch1"]
-            print(
-                f"[3] {name}: == openpi Policy.infer: {c['exact']} (max diff {c['max_abs_diff']:.3g}); "
-                f"batch-4 vs sequential max diff "
-                f"{c['batch4_max_abs_diff_vs_sequential']:.3g}"
-            )
-            print(
-                f"[3] {name}: inference_ms p50 {ab['inference_ms']['p50']}, pre p50 {ab['preprocess_ms']['p50']}, "
-                f"post p50 {ab['postprocess_ms']['p50']}, wall p50 {ab['wall_ms']['p50']}"
-            )
-        result["openpi_check"] = check
-    except _Skipped:
-        pass
-    except Exception:  # noqa: BLE001
-        result["openpi_check_error"] = traceback.format_exc()
-        print(result["openpi_check_error"])
+    run_part(result, "openpi_check", "openpi", parts, lambda: openpi_part(policy, obs_list, args))
     save()
 
     print("\nsummary (ms, p50):")

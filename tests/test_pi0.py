@@ -556,18 +556,27 @@ def test_output_transform_runs_on_the_device_when_affine_else_on_the_host(fake, 
     _close(clipped.infer(o, noise=noise[0])["action"], ref)
 
 
-def test_prompt_padding_is_cut_to_the_longest_prompt_in_the_call(fake):
-    _needs_jax()
-    policy = pi0_mod.make_pi0_policy()
-    short, long = (
-        obs(1, prompt="Transfer cube"),
-        obs(2, prompt="transfer the red cube to the left arm, slowly"),
+def test_orbax_metadata_fallback_only_for_that_error(monkeypatch):
+    from pi0remote.policies import pi0_checkpoint
+
+    calls = []
+
+    def openpi_restore(path, **kwargs):
+        calls.append(("openpi", path))
+        if path == "new-orbax":
+            raise TypeError("'StepMetadata' object is not subscriptable")
+        if path == "broken":
+            raise TypeError("something else")
+        return {"params": "openpi's"}
+
+    monkeypatch.setattr(
+        pi0_checkpoint, "restore_params_compat", lambda path, **kw: {"params": "compat", **kw}
     )
-    noise = _noise(6, 2)
-    for o, n in ((short, noise[:1]), (long, noise[1:])):
-        _close(policy.infer(o, noise=n[0])["action"], _reference(o, n))
-    widths = sorted({k[2][1][1] for k in policy._compiled})
-    assert widths == [16, 48]  # "Transfer cube" fits 16 columns; the long prompt needs all 48
-    whole = pi0_mod.FastPi0Policy(exact().openpi_policy, extra={}, prompt_width_step=None)
-    whole.infer(short)
-    assert {k[2][1][1] for k in whole._compiled} == {48}
+    mod = type(sys)("fake_model_module")
+    mod.restore_params = openpi_restore
+    with pi0_checkpoint._orbax_compat(mod) as used:
+        assert mod.restore_params("old-orbax", dtype="bf16") == {"params": "openpi's"} and not used
+        assert mod.restore_params("new-orbax", dtype="bf16") == {"params": "compat", "dtype": "bf16"} and used
+        with pytest.raises(TypeError, match="something else"):
+            mod.restore_params("broken")
+    assert mod.restore_params is openpi_restore  # put back after loading

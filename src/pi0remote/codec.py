@@ -49,7 +49,10 @@ def _other(obj: Any) -> Any:
 
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        obj, data = _array_bytes(obj)
+        if obj.dtype.kind in ALLOWED_KINDS and obj.flags.c_contiguous and obj.ndim and obj.size:  # hot path
+            data: Any = memoryview(obj).cast("B")
+        else:
+            obj, data = _array_bytes(obj)
         return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
     if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
         return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
@@ -160,7 +163,7 @@ def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0r
             (b"shape", obj.shape),
         )
     else:
-        _default_for(layout)
+        _default_for(layout)  # an unknown layout is a ValueError
         fields = ((b"__ndarray__", True), (b"dtype", obj.dtype.str), (b"shape", obj.shape))
     packer.pack_map_header(len(fields) + 1)
     for key, value in fields:
@@ -182,7 +185,8 @@ def packb(obj: Any, *, layout: str = "pi0remote") -> bytes:
 
 def new_packer(layout: str = "pi0remote") -> msgpack.Packer:
     """A packer with the same rules as :func:`packb`, for building a message piece by piece."""
-    return msgpack.Packer(default=_default_for(layout), use_bin_type=True, autoreset=False)
+    default = _encode_default if layout == "pi0remote" else _default_for(layout)
+    return msgpack.Packer(default=default, use_bin_type=True, autoreset=False)
 
 
 def unpackb(data: bytes | bytearray | memoryview) -> Any:

@@ -8,7 +8,7 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConnectError, ConnectionLost, InvalidURL
+from ..errors import ConnectionLost, InvalidURL
 from .translate import SOCKET, translate
 
 
@@ -55,7 +55,7 @@ def send_all(sock: socket.socket, *parts: bytes | bytearray | memoryview, url: s
         if isinstance(sock, ssl.SSLSocket) or len(parts) == 1:
             sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
             return
-        total = sum(len(p) for p in parts)
+        total = sum(map(len, parts))
         sent = sock.sendmsg(parts)
         if sent < total:
             sock.sendall(b"".join(parts)[sent:])
@@ -120,7 +120,10 @@ def check_not_stale(check: IdleCheck | None, url: str) -> socket.socket:
     """The socket of ``check`` once it passed (ConnectionLost, not delivered, when not connected)."""
     if check is None:
         raise ConnectionLost(f"not connected to {url}")
-    return check.check()
+    sock = check.sock
+    if check._poll.poll(0) and not check._only_tls_records(sock):
+        raise ConnectionLost(f"{url} closed the connection while it was idle")
+    return sock
 
 
 def transport_stale(transport: Any, check: IdleCheck | None) -> bool:
@@ -145,7 +148,6 @@ def close_quietly(sock: socket.socket | None) -> None:
 
 
 __all__ = [
-    "ConnectError",
     "IdleCheck",
     "check_not_stale",
     "close_quietly",

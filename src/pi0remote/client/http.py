@@ -113,7 +113,7 @@ class HttpPump(BytePump):
         method, path, self._ok_kind, body = route(message)
         head = f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common
         if method == "POST":
-            length = sum(len(p) for p in body)
+            length = sum(map(len, body))
             head += f"Content-Type: application/msgpack\r\nContent-Length: {length}\r\n\r\n".encode()
         else:
             head += b"\r\n"
@@ -139,11 +139,13 @@ class HttpPump(BytePump):
 
     def _read_head(self) -> tuple[int, dict[str, str]]:
         while (end := self._pending.find(b"\r\n\r\n")) < 0:
-            self._check_is_http()
+            if self._pending:
+                self._check_is_http()
             if len(self._pending) > MAX_HEAD:
                 raise ProtocolError(f"HTTP response head from {self.url} too large")
             self._fill()
-        self._check_is_http()
+        if not self._pending.startswith(b"HTTP/"):
+            self._check_is_http()
         lines = bytes(self._pending[:end]).decode("latin-1").split("\r\n")
         del self._pending[: end + 4]
         try:

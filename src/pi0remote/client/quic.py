@@ -44,7 +44,7 @@ from ..errors import (
     RequestNotDelivered,
     RequestTimeout,
 )
-from ._sock import host_port
+from ._sock import host_port, readable
 from .session import AsyncBytePump, BytePump, TransportOptions
 from .translate import aioquic_table, quic_termination, translate
 
@@ -224,15 +224,6 @@ def _resolve(host: str, port: int) -> tuple[int, Any]:
 
 
 # -- blocking links ----------------------------------------------------------------------------------
-def _wait_readable(sock: socket.socket, timeout: float) -> bool:
-    fd = sock.fileno()
-    if fd < 1024:
-        return bool(select.select([fd], [], [], max(timeout, 0.0))[0])
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(int(timeout * 1000) + 1, 0)))
-
-
 class _UdpLink:
     def __init__(self, host: str, port: int, timeout: float, buffer_bytes: int) -> None:
         family, self.addr = _resolve(host, port)
@@ -253,7 +244,7 @@ class _UdpLink:
                 raise ConnectionLost(f"UDP send failed: {exc}") from exc
 
     def recv(self, timeout: float) -> list[bytes]:
-        if timeout > 0 and not _wait_readable(self.sock, timeout):
+        if timeout > 0 and not readable(self.sock, timeout):
             return []
         out: list[bytes] = []
         while True:
@@ -299,7 +290,7 @@ class _TcpLink:
                 raise ConnectionLost("relay stopped accepting data")
 
     def recv(self, timeout: float) -> list[bytes]:
-        if timeout > 0 and not _wait_readable(self.sock, timeout):
+        if timeout > 0 and not readable(self.sock, timeout):
             return []
         out: list[bytes] = []
         while True:

@@ -33,7 +33,7 @@ DEFAULT_PORT = 8765
 def framed(message: Message) -> list[Any]:
     """The frame header and the message's buffers, for one scatter-gather write."""
     if isinstance(message, list):
-        return [protocol.frame_header(sum(len(p) for p in message)), *message]
+        return [protocol.frame_header(sum(map(len, message))), *message]
     return [protocol.frame_header(len(message)), message]
 
 

@@ -173,7 +173,7 @@ def masked_binary_frame(message: bytes | list) -> list[bytes | memoryview]:
     except ImportError:  # pure-Python build of websockets
         from websockets.utils import apply_mask
     parts = message if isinstance(message, list) else [message]
-    length = sum(len(p) for p in parts)
+    length = sum(map(len, parts))
     mask = os.urandom(4)
     if length < 126:
         header = bytes((0x82, 0x80 | length))

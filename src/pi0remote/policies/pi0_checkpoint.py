@@ -45,7 +45,7 @@ def load_openpi_policy(
     # openpi's default (10 steps) is left implicit, so that the jitted call is the very one openpi serves.
     sample_kwargs = None if num_steps == 10 else {"num_steps": num_steps}
     t0 = time.perf_counter()
-    with _orbax_compat(model_mod):
+    with _orbax_compat(model_mod) as used:
         policy = policy_config.create_trained_policy(
             train_config, checkpoint, default_prompt=prompt, sample_kwargs=sample_kwargs
         )
@@ -57,18 +57,20 @@ def load_openpi_policy(
         "prompt": prompt,
         "load_s": round(time.perf_counter() - t0, 3),
         "openpi_commit": OPENPI_COMMIT,
+        "params_restore": "pi0remote (orbax metadata fallback)" if used else "openpi",
     }
     return policy, extra
 
 
 @contextlib.contextmanager
-def _orbax_compat(model_mod: Any) -> Iterator[None]:
+def _orbax_compat(model_mod: Any) -> Iterator[list[bool]]:
     """While openpi loads a checkpoint, let its ``restore_params`` fall back to :func:`restore_params_compat`
     when the installed orbax returns metadata it cannot index. With the orbax openpi pins, openpi's own
-    function does all the work."""
+    function does all the work. Yields a list that holds True once the fallback ran."""
+    used: list[bool] = []
     original = getattr(model_mod, "restore_params", None)
     if original is None:
-        yield
+        yield used
         return
 
     def restore_params(params_path: Any, **kwargs: Any) -> Any:
@@ -77,12 +79,15 @@ def _orbax_compat(model_mod: Any) -> Iterator[None]:
         except TypeError as exc:
             if "not subscriptable" not in str(exc):
                 raise
-            logger.info("orbax metadata is a %s; restoring through its item metadata", exc)
+            logger.warning(
+                "openpi's restore_params cannot read this orbax's metadata (%s); using its item_metadata", exc
+            )
+            used.append(True)
             return restore_params_compat(params_path, **kwargs)
 
     model_mod.restore_params = restore_params
     try:
-        yield
+        yield used
     finally:
         model_mod.restore_params = original
 

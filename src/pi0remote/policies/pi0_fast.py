@@ -41,19 +41,6 @@ from .pi0_host import CAMERAS, HostInputs, HostPlan, group_key, kept_slots
 
 __all__ = ["FastPi0Policy"]
 
-PROMPT_WIDTH_STEP = 16
-"""Prompt token columns are cut after the last one any request uses, rounded up to a multiple of this: the
-cut columns are padding that every mask leaves out (attended by nothing, and after every real token, so no
-position moves). One compiled shape per width; warm-up compiles the default prompt's."""
-
-
-def _prompt_width(token_mask: np.ndarray, step: int | None) -> int:
-    used = np.flatnonzero(token_mask.any(axis=0))
-    full = int(token_mask.shape[1])
-    if used.size == 0 or not step:
-        return full
-    return min(full, -(-(int(used[-1]) + 1) // step) * step)
-
 
 class FastPi0Policy(_Pi0Base):
     """π₀ served from an openpi ``Policy`` through one compiled function (see the module docstring)."""
@@ -67,11 +54,8 @@ class FastPi0Policy(_Pi0Base):
         default_prompt: str | None = None,
         rtc_beta: float = rtc.DEFAULT_BETA,
         rtc_schedule: str = rtc.DEFAULT_SCHEDULE,
-        prompt_width_step: int | None = PROMPT_WIDTH_STEP,
     ) -> None:
         model = openpi_policy._model
-        self.prompt_width_step = prompt_width_step
-        """None: keep openpi's whole prompt window (the same program shapes as openpi's, for comparisons)."""
         super().__init__({**extra, "path": "fast"}, int(model.action_horizon))
         jax, nnx, self._model_mod, transforms_mod = _import_openpi(
             "jax", "flax.nnx", "openpi.models.model", "openpi.transforms"
@@ -160,11 +144,11 @@ class FastPi0Policy(_Pi0Base):
         with self._compile_lock:
             fn = self._compiled.get(key)
             if fn is None:
-                size, slots, (_, tokens), noise_given, guided = key
+                size, slots, _, noise_given, guided = key
                 t0 = time.perf_counter()
                 fn = self._forward(slots, noise_given, guided).lower(*args).compile()
                 secs = round(time.perf_counter() - t0, 3)
-                tag = f"{size}x{'+'.join(slots)}x{tokens[1]}tok{'+noise' if noise_given else ''}{'+rtc' if guided else ''}"
+                tag = f"{size}x{'+'.join(slots)}{'+noise' if noise_given else ''}{'+rtc' if guided else ''}"
                 self.compile_s[tag] = secs
                 self.metadata.extra["compile_s_by_batch"] = dict(self.compile_s)
                 logger.info("pi0 fast path: compiled %s in %.1f s", tag, secs)
@@ -186,14 +170,12 @@ class FastPi0Policy(_Pi0Base):
                 cams.append(rows[0].frames[src][np.newaxis])
             else:
                 cams.append(np.stack([r.frames[src] for r in rows]))
-        tokens, token_mask = np.stack([r.tokens for r in rows]), np.stack([r.token_mask for r in rows])
-        width = _prompt_width(token_mask, self.prompt_width_step)
         arrays = (
             tuple(cams),
             np.stack([r.masks[list(keep)] for r in rows]),
             np.stack([r.state for r in rows]),
-            tokens[:, :width],
-            token_mask[:, :width],
+            np.stack([r.tokens for r in rows]),
+            np.stack([r.token_mask for r in rows]),
         )
         return tuple(layout.slots[i] for i in keep), arrays
 

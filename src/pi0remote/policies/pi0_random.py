@@ -92,12 +92,7 @@ class RandomWeightsPi0Policy(_Pi0Base):
         jnp = importlib.import_module("jax.numpy")
         t0 = time.perf_counter()
         if weights is None:
-            model_config = self._model_config(config)
-            model = model_config.create(jax.random.key(seed))
-            graphdef, state = nnx.split(model)
-            del model
-            state = cast_floating(jax, jnp, state, jnp.bfloat16)
-            weights = (model_config, graphdef, state)
+            weights = self._build(nnx, config, seed)
         build_s = time.perf_counter() - t0
         self.weights = weights
         model_config, graphdef, state = weights
@@ -128,9 +123,14 @@ class RandomWeightsPi0Policy(_Pi0Base):
         self._tokens = jnp.asarray(tokens)
         self._token_mask = jnp.asarray(mask)
         self._rng = jax.random.key(seed)
-        action_dim = int(model_config.action_dim)
-        model_mod = self._model_mod
-        keys = self._keys
+        self._jitted = jax.jit(self._forward(nnx, graphdef, int(model_config.action_dim)))
+        self._compiled: dict[int, Any] = {}
+        self.compile_s: dict[int, float] = {}
+
+    def _forward(self, nnx: Any, graphdef: Any, action_dim: int) -> Any:
+        """The traced function: uint8 CHW camera -> [-1, 1] HWC, state padded, openpi's ``sample_actions``."""
+        jax, jnp = self._jax, importlib.import_module("jax.numpy")
+        model_mod, keys, num_steps = self._model_mod, self._keys, self.num_steps
 
         def forward(state, rng, cam, robot_state, tokens, token_mask):  # noqa: ANN001 - traced
             model = nnx.merge(graphdef, state)
@@ -149,9 +149,16 @@ class RandomWeightsPi0Policy(_Pi0Base):
             actions = model.sample_actions(sample_rng, obs, num_steps=num_steps)
             return actions[:, :, :ALOHA_ACTION_DIM], rng
 
-        self._jitted = jax.jit(forward)
-        self._compiled: dict[int, Any] = {}
-        self.compile_s: dict[int, float] = {}
+        return forward
+
+    def _build(self, nnx: Any, config: str, seed: int) -> tuple[Any, Any, Any]:
+        """(model config, graphdef, bf16 state) of a randomly initialised π₀."""
+        jax, jnp = self._jax, importlib.import_module("jax.numpy")
+        model_config = self._model_config(config)
+        model = model_config.create(jax.random.key(seed))
+        graphdef, state = nnx.split(model)
+        del model
+        return model_config, graphdef, cast_floating(jax, jnp, state, jnp.bfloat16)
 
     @staticmethod
     def _model_config(config: str) -> Any:

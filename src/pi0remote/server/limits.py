@@ -19,7 +19,7 @@ from typing import Any
 from ..options import TOKEN_ENV  # re-exported: the one definition is in pi0remote.options
 
 log = logging.getLogger("pi0remote.server")
-FD_RESERVE = 64
+FD_RESERVE = 128
 """File descriptors kept free for the listeners, logs, the policy and the process itself."""
 
 
