@@ -151,3 +151,10 @@ def test_shipped_weights_succeed_closed_loop():
     finally:
         client.close()
     assert result.success, f"flow policy failed seed {HELDOUT_SEED} (max reward {result.max_reward})"
+
+
+def test_missing_weights_file_names_the_trainer(tmp_path):
+    from pi0remote.policies import load_policy
+
+    with pytest.raises(FileNotFoundError, match="train_flow"):
+        load_policy(f"flow:{tmp_path / 'nope.npz'}")

@@ -517,3 +517,24 @@ def test_flow_policy_batch_per_sample_rtc_and_options(flow_states):
     other = load_policy("flow", rtc_beta=2.0, rtc_schedule="linear")
     assert (other.metadata.extra["rtc_beta"], other.metadata.extra["rtc_schedule"]) == (2.0, "linear")
     assert other.infer({**obs, "rtc": rtc_field(previous[25:], 5)})["rtc"]["beta"] == 2.0
+
+
+def test_broker_rtc_on_the_robot_thread_requester(toy_server):
+    """Robot code's path: ActionChunkBroker(client, rtc=True) with its background thread and a real
+    server; the reply that arrives answers the request that carried the prefix."""
+    from pi0remote import connect
+    from pi0remote.broker import ActionChunkBroker, delay_steps
+
+    srv, _ = toy_server
+    with connect(srv.url("tcp")) as client, ActionChunkBroker(client, prefetch_at=40, rtc=True) as broker:
+        broker.prime(state_obs(0), 0, 0.0)
+        step = 0
+        while not broker.last or not broker.last.requested:
+            broker.act(lambda: state_obs(0), step, step * 0.02)
+            step += 1
+        sent = broker.history[-1]
+        expected = min(max(delay_steps(broker.history[0].latency_s), 1), 40)  # the prime's measured delay
+        assert (sent.rtc_prefix_len, sent.rtc_delay_steps) == (40, expected)
+        assert broker.requester.join(30)
+        broker.act(lambda: state_obs(0), step, step * 0.02)
+        assert sent.reply is not None and sent.reply["rtc"]["delay_steps"] == expected
