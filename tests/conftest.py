@@ -35,11 +35,26 @@ class ProbePolicy:
         )
         self.resets = 0
         self.calls = 0
+        self.finished = 0
         self.lock = threading.Lock()
+        self._idle = threading.Condition(self.lock)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every call that started has returned (what a test waits on instead of sleeping)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.finished >= self.calls, timeout)
 
     def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.calls += 1
+        try:
+            return self._infer(obs)
+        finally:
+            with self._idle:
+                self.finished += 1
+                self._idle.notify_all()
+
+    def _infer(self, obs: dict[str, Any]) -> dict[str, Any]:
         if obs.get("raise"):
             raise ValueError("boom requested")
         if "sleep_ms" in obs:

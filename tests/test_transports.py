@@ -196,7 +196,7 @@ def test_per_call_timeout_then_recovery(probe_server, transport: str) -> None:
     with connect_to(probe_server, transport, timeout=0.3) as client:
         with pytest.raises(RequestTimeout):
             client.infer(make_obs(0, sleep_ms=1200))
-        time.sleep(1.0)  # let the slow inference finish on the server's policy thread
+        assert probe_server.server.policy.wait_idle(10)  # the slow inference finished on the policy thread
         obs = make_obs(5)
         np.testing.assert_array_equal(client.infer(obs)["action"], expected_action(obs["state"]))
 

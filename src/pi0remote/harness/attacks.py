@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..policies import CANONICAL_INPUT_SPEC, PolicyMetadata
+from .procs import ServerProcess
 
 ATTACKER_IP = "127.0.0.2"
 TOKEN = "s3cret-token"
@@ -57,7 +58,7 @@ class TrapPolicy(_Base):
 
 
 # -- the server under attack ------------------------------------------------------------------------
-class AttackServer:
+class AttackServer(ServerProcess):
     """``python -m pi0remote.serve ARGS`` in a subprocess; ``rss_mb()`` reads its memory from /proc."""
 
     def __init__(
@@ -74,32 +75,7 @@ class AttackServer:
 
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pi0remote.serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            preexec_fn=limit,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self.urls: list[str] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(ready_timeout) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"server did not start: {self.lines[-10:]}")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if line.startswith("listening "):
-                self.urls.append(line.split(" ", 1)[1])
-            elif line == "ready":
-                self._ready.set()
-        self._ready.set()
+        super().__init__(args, ready_timeout=ready_timeout, env=env, preexec_fn=limit)
 
     def wait_for_line(self, text: str, timeout: float = 10.0) -> bool:
         """True once a line equal to ``text`` was printed (polls the captured output)."""
@@ -110,9 +86,6 @@ class AttackServer:
             time.sleep(0.02)
         return True
 
-    def url(self, scheme: str) -> str:
-        return next(u for u in self.urls if u.split("://", 1)[0] == scheme)
-
     def addr(self, scheme: str) -> tuple[str, int]:
         host, _, port = self.url(scheme).split("://", 1)[1].split("/", 1)[0].rpartition(":")
         return host, int(port)
@@ -120,23 +93,14 @@ class AttackServer:
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
 
-    def stop(self, timeout: float = 10.0) -> float:
+    def stop(self, timeout: float = 10.0) -> float:  # type: ignore[override]
         """SIGTERM; returns the seconds it took to exit (killed after ``timeout``)."""
         t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop(timeout)
         return time.monotonic() - t0
 
     def __enter__(self) -> AttackServer:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def rss_mb(pid: int) -> float:

@@ -7,14 +7,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class ServerProcess:
     """A ``pi0remote.serve`` subprocess; ``urls`` holds its ``listening`` lines. A context manager."""
 
     def __init__(
-        self, args: Sequence[str], *, ready_timeout: float = 120.0, env: dict[str, str] | None = None
+        self,
+        args: Sequence[str],
+        *,
+        ready_timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.args = [sys.executable, "-m", "pi0remote.serve", *args]
         self.urls: list[str] = []
@@ -25,6 +30,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
         self._wait_ready(ready_timeout)
 
