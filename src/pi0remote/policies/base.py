@@ -135,7 +135,8 @@ def validate_obs(obs: Any, spec: Mapping[str, ArraySpec]) -> None:
 def validate_request(obs: Any, meta: PolicyMetadata) -> None:
     """:func:`validate_obs` against ``meta.input_spec``, and refuse an ``rtc`` field unless the policy
     declares ``"rtc": true`` (never run a real-time-chunking request unguided)."""
-    from ..rtc import check_supported
-
     validate_obs(obs, meta.input_spec)
-    check_supported(obs, meta.extra)
+    if "rtc" in obs:  # the rest of the check only when the field is there (hot path)
+        from ..rtc import check_supported
+
+        check_supported(obs, meta.extra)

@@ -102,8 +102,8 @@ class ServerCore:
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.policy = policy
-        self.meta: PolicyMetadata = policy_metadata(policy, name)
         self._declares_action = _declares_action(policy)
+        self._set_meta(policy_metadata(policy, name))
         if token is not None and not isinstance(token, str):
             raise TypeError("the token must be a string")
         self.token = token
@@ -161,8 +161,15 @@ class ServerCore:
         return self._metadata_cache
 
     def refresh_metadata(self) -> None:
-        self.meta = policy_metadata(self.policy, self.meta.name)
+        self._set_meta(policy_metadata(self.policy, self.meta.name))
         self._metadata_cache = None
+
+    def _set_meta(self, meta: PolicyMetadata) -> None:
+        """The policy's metadata, and the reply rule :meth:`check_reply` applies (computed once)."""
+        self.meta = meta
+        want_dtype = meta.extra.get("action_dtype")
+        self._want_dtype = None if want_dtype is None else np.dtype(want_dtype)
+        self._want_shape = tuple(meta.action_shape) if self._declares_action else None
 
     def set_extra_metadata(self, **values: Any) -> None:
         self.extra_metadata.update(values)
@@ -230,13 +237,13 @@ class ServerCore:
         if not isinstance(action, np.ndarray) or action.dtype.kind not in "fiub":
             kind = f"{action.dtype} array" if isinstance(action, np.ndarray) else type(action).__name__
             raise RemotePolicyError(f"policy returned an action of {kind}, not a numeric array")
-        want_dtype = self.meta.extra.get("action_dtype")
-        if want_dtype is not None and action.dtype != np.dtype(want_dtype):
-            raise RemotePolicyError(f"policy returned a {action.dtype} action; it declares {want_dtype}")
-        if self._declares_action and action.shape != tuple(self.meta.action_shape):
+        if self._want_dtype is not None and action.dtype != self._want_dtype:
             raise RemotePolicyError(
-                f"policy returned an action of shape {list(action.shape)}; "
-                f"it declares {list(self.meta.action_shape)}"
+                f"policy returned a {action.dtype} action; it declares {self._want_dtype}"
+            )
+        if self._want_shape is not None and action.shape != self._want_shape:
+            raise RemotePolicyError(
+                f"policy returned an action of shape {list(action.shape)}; it declares {list(self._want_shape)}"
             )
         return result
 
@@ -437,11 +444,15 @@ def _payload_bytes(value: Any, depth: int = 0) -> int:
         return value.nbytes
     if isinstance(value, (bytes, bytearray, memoryview, str)):
         return len(value)
+    total = 0
     if depth < 4 and isinstance(value, dict):
-        return sum(_payload_bytes(v, depth + 1) for v in value.values())
-    if depth < 4 and isinstance(value, (list, tuple)) and len(value) < 4096:
-        return sum(_payload_bytes(v, depth + 1) for v in value)
-    return 0
+        for v in value.values():
+            if not isinstance(v, (int, float, bool)):  # scalars: a few bytes, not worth a call
+                total += _payload_bytes(v, depth + 1)
+    elif depth < 4 and isinstance(value, (list, tuple)) and len(value) < 4096:
+        for v in value:
+            total += _payload_bytes(v, depth + 1)
+    return total
 
 
 def has_jpeg(obs: Any) -> bool:

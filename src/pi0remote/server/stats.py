@@ -62,12 +62,14 @@ class LoadStats:
     def record(self, waits_ms: Iterable[float], now: float | None = None) -> None:
         """One policy call of ``len(waits_ms)`` requests, each having waited that long in the queue."""
         t = time.monotonic() if now is None else now
-        waits = list(waits_ms)
+        waits = waits_ms if isinstance(waits_ms, (list, tuple)) else list(waits_ms)
         with self._lock:
             self._batches.append((t, len(waits)))
-            self._waits.extend((t, w) for w in waits)
+            for w in waits:
+                self._waits.append((t, w))
             self.total_calls += len(waits)
-            self._trim(t)
+            if t - self._batches[0][0] > self.window_s:
+                self._trim(t)
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s
