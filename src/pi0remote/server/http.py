@@ -264,9 +264,9 @@ class HttpProtocol(asyncio.Protocol):
         if not 0x41 <= self.buf[0] <= 0x5A:  # no HTTP method starts so (a TCP frame, TLS): fail fast
             self._respond_error(400, _not_http(self.buf), close=True)
             return False
-        self._arm_head_timer()
         end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-        if end < 0:
+        if end < 0:  # a head still coming: it must be complete within the deadline of its first bytes
+            self._arm_head_timer()
             if len(self.buf) > MAX_HEAD_BYTES:
                 self._respond_error(431, ProtocolError("request head too large"), close=True)
             return False
