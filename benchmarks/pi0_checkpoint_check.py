@@ -37,7 +37,7 @@ for p in (ROOT / "benchmarks", ROOT / "src", ROOT / ".openpi_src"):
     if p.is_dir() and str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from pi0_model_timing import env_info, pct, stats, time_infer  # noqa: E402
+from pi0_model_timing import env_info, stats, time_batches, time_infer  # noqa: E402
 
 
 def make_obs(
@@ -109,25 +109,6 @@ def equivalence(op: Any, fast: Any, exact: Any, to_openpi: Any, seeds: int) -> d
     got = exact.infer(o)["action"]
     out["exact vs Policy.infer"] = {"bit_identical": bool(np.array_equal(ref, got)), **diff_stats(got, ref)}
     return out
-
-
-def time_batches(policy: Any, obs_list: list[dict[str, Any]], sizes: list[int], iters: int) -> dict[str, Any]:
-    res = {}
-    for b in sizes:
-        batch = [obs_list[i % len(obs_list)] for i in range(b)]
-        policy.infer_batch(batch)
-        wall, dev = [], []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            replies = policy.infer_batch(batch)
-            wall.append((time.perf_counter() - t0) * 1000)
-            dev.append(replies[0]["inference_ms"])
-        res[str(b)] = {
-            "wall_ms": stats(wall),
-            "inference_ms": stats(dev),
-            "per_robot_ms": round(pct(wall, 50) / b, 3),
-        }
-    return res
 
 
 def timing(op: Any, fast: Any, exact: Any, to_openpi: Any, n: int) -> dict[str, Any]:

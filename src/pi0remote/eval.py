@@ -213,11 +213,6 @@ def require(*modules: str) -> None:
             raise ImportError(f"{module} is not installed ({exc})", name=name) from None
 
 
-def require_sim() -> None:
-    """gym-aloha and MuJoCo, or an ImportError naming the ``sim`` extra."""
-    require("gym_aloha")
-
-
 @contextlib.contextmanager
 def open_clients(modes: list[str], options: ClientOptions, netem: str | None) -> Iterator[dict[str, Any]]:
     """Clients for the URL modes (policy names run in process, opened by the harness)."""
