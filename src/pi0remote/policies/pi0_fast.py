@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import rtc
 from . import pi0_engine as engine
+from . import pi0_layers
 from .pi0_common import (
     ALOHA_ACTION_DIM,
     _bucket,
@@ -54,6 +55,7 @@ class FastPi0Policy(_Pi0Base):
         default_prompt: str | None = None,
         rtc_beta: float = rtc.DEFAULT_BETA,
         rtc_schedule: str = rtc.DEFAULT_SCHEDULE,
+        split_layers: bool = True,
     ) -> None:
         model = openpi_policy._model
         super().__init__({**extra, "path": "fast"}, int(model.action_horizon))
@@ -66,6 +68,7 @@ class FastPi0Policy(_Pi0Base):
         self.num_steps = int(openpi_policy._sample_kwargs.get("num_steps", num_steps))
         self._default_prompt = default_prompt
         self._graphdef, self._params = nnx.split(model)
+        self._layers, layers_note = self._split_layers(model, split_layers)
         self.action_dim = int(model.action_dim)
         self._rng = openpi_policy._rng
         self._compiled: dict[tuple[Any, ...], Any] = {}
@@ -83,10 +86,21 @@ class FastPi0Policy(_Pi0Base):
             device=_device_name(jax),
             num_steps=self.num_steps,
             output_transform="device" if self.affine is not None else "host",
+            layers=layers_note,
             rtc=True,
             rtc_beta=self.rtc_beta,
             rtc_schedule=self.rtc_schedule,
         )
+
+    def _split_layers(self, model: Any, wanted: bool) -> tuple[Any, str]:
+        """Gemma's weights laid out per layer for :mod:`.pi0_layers` (None, and why, where openpi's scanned
+        modules run instead). The split copy takes as much device memory again as the two Gemma experts."""
+        reason = pi0_layers.unsupported(model, self._params) if wanted else "turned off"
+        if reason is not None:
+            logger.info("pi0 fast path: openpi's scanned layers (%s)", reason)
+            return None, f"openpi ({reason})"
+        dtype = getattr(getattr(model.PaliGemma.llm, "module", None), "embed_dtype", None)
+        return pi0_layers.prepare(self._params, dtype), "split"
 
     def _probe_layouts(self) -> HostInputs:
         """Map cameras to slots now (one camera, and every camera), so that a config whose transforms touch
@@ -109,7 +123,7 @@ class FastPi0Policy(_Pi0Base):
         affine, beta, schedule = self.affine, self.rtc_beta, self.rtc_schedule
         dim_mask = rtc.dim_mask(self.robot_dim, dim)
 
-        def forward(params, rng, cams, masks, state, tokens, token_mask, noise, guide):  # noqa: ANN001 - traced
+        def forward(params, layers, rng, cams, masks, state, tokens, token_mask, noise, guide):  # noqa: ANN001
             model = nnx.merge(graphdef, params)
             images = {s: engine.device_image(c, size=size) for s, c in zip(slots, cams, strict=True)}
             obs = model_mod.Observation(
@@ -123,8 +137,12 @@ class FastPi0Policy(_Pi0Base):
             if not noise_given:
                 rng, sample_rng = jax.random.split(rng)
                 noise = jax.random.normal(sample_rng, (state.shape[0], horizon, dim))
-            kv_cache, prefix_mask = engine.prefill(model, obs)
-            velocity = engine.velocity_fn(model, obs, kv_cache, prefix_mask)
+            if layers is None:  # openpi's scanned Gemma modules
+                kv_cache, prefix_mask = engine.prefill(model, obs)
+                velocity = engine.velocity_fn(model, obs, kv_cache, prefix_mask)
+            else:
+                kv_cache, prefix_mask = pi0_layers.prefill(model, layers, obs, engine.attn_mask)
+                velocity = pi0_layers.velocity_fn(model, layers, obs, kv_cache, prefix_mask, engine.attn_mask)
             if guided:
                 prefix, prefix_len, delay = guide
                 x_0 = rtc.guided_sample(
@@ -209,10 +227,10 @@ class FastPi0Policy(_Pi0Base):
         with self._lock:
             fn = self._compiled.get(key)
             if fn is None:
-                fn = self._compiled_for(key, (self._params, self._rng, *arrays, noise, guide))
+                fn = self._compiled_for(key, (self._params, self._layers, self._rng, *arrays, noise, guide))
             t1 = time.perf_counter()
             inputs = self._jax.device_put((arrays, noise, guide))  # one transfer for every input
-            out, rng = fn(self._params, self._rng, *inputs[0], inputs[1], inputs[2])
+            out, rng = fn(self._params, self._layers, self._rng, *inputs[0], inputs[1], inputs[2])
             chunks = np.asarray(out)  # blocks until the chunk is on the host
             t2 = time.perf_counter()
             if noise is None:
