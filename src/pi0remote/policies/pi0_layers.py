@@ -65,36 +65,40 @@ def prepare(params: Any, dtype: Any = None) -> dict[str, Any]:
     Arrays only (a pytree to pass into a jitted function); head counts follow from the shapes."""
     jax, jnp = _jax()
     dtype = dtype or jnp.bfloat16
-    llm = _llm_params(params)
+
+    def split(llm: Mapping[str, Any]) -> dict[str, Any]:
+        return {"prefix": _expert(jnp, llm, "", dtype), "suffix": _expert(jnp, llm, "_1", dtype)}
+
+    # the weights go in as arguments (closed over, they would be compiled in as constants)
+    return jax.block_until_ready(jax.jit(split)(dict(_llm_params(params))))
+
+
+def _expert(jnp: Any, llm: Mapping[str, Any], suffix: str, dtype: Any) -> dict[str, Any]:
+    """One expert's (``""``: PaliGemma, ``"_1"``: the action expert) weights, per layer and merged."""
     layers, attn = llm["layers"], llm["layers"]["attn"]
-
-    def expert(suffix: str) -> dict[str, Any]:
-        q = attn[f"q_einsum{suffix}"]["w"]  # [L, N, D, H]
-        kv = attn[f"kv_einsum{suffix}"]["w"]  # [L, 2, 1, D, H]
-        depth, heads, width, head_dim = q.shape
-        qkv = jnp.concatenate(
-            [
-                jnp.transpose(q, (0, 2, 1, 3)).reshape(depth, width, heads * head_dim),
-                jnp.transpose(kv[:, :, 0], (0, 2, 1, 3)).reshape(depth, width, 2 * head_dim),
-            ],
-            axis=-1,
-        )
-        gating = layers[f"mlp{suffix}"]["gating_einsum"]  # [L, 2, D, F]
-        stacked = {
-            "attn_norm": layers[f"pre_attention_norm{suffix}"]["scale"],
-            "qkv": qkv.astype(dtype),
-            "out": attn[f"attn_vec_einsum{suffix}"]["w"].reshape(depth, heads * head_dim, width).astype(dtype),
-            "ffw_norm": layers[f"pre_ffw_norm{suffix}"]["scale"],
-            "gating": jnp.transpose(gating, (0, 2, 1, 3)).reshape(depth, width, -1).astype(dtype),
-            "linear": layers[f"mlp{suffix}"]["linear"].astype(dtype),
-        }
-        return {
-            "layers": [{k: v[i] for k, v in stacked.items()} for i in range(depth)],
-            "final_norm": llm[f"final_norm{suffix}"]["scale"],
-        }
-
-    weights = jax.jit(lambda: {"prefix": expert(""), "suffix": expert("_1")})()
-    return jax.block_until_ready(weights)
+    q = attn[f"q_einsum{suffix}"]["w"]  # [L, N, D, H]
+    kv = attn[f"kv_einsum{suffix}"]["w"]  # [L, 2, 1, D, H]
+    depth, heads, width, head_dim = q.shape
+    qkv = jnp.concatenate(
+        [
+            jnp.transpose(q, (0, 2, 1, 3)).reshape(depth, width, heads * head_dim),
+            jnp.transpose(kv[:, :, 0], (0, 2, 1, 3)).reshape(depth, width, 2 * head_dim),
+        ],
+        axis=-1,
+    )
+    gating = layers[f"mlp{suffix}"]["gating_einsum"]  # [L, 2, D, F]
+    stacked = {
+        "attn_norm": layers[f"pre_attention_norm{suffix}"]["scale"],
+        "qkv": qkv.astype(dtype),
+        "out": attn[f"attn_vec_einsum{suffix}"]["w"].reshape(depth, heads * head_dim, width).astype(dtype),
+        "ffw_norm": layers[f"pre_ffw_norm{suffix}"]["scale"],
+        "gating": jnp.transpose(gating, (0, 2, 1, 3)).reshape(depth, width, -1).astype(dtype),
+        "linear": layers[f"mlp{suffix}"]["linear"].astype(dtype),
+    }
+    return {
+        "layers": [{k: v[i] for k, v in stacked.items()} for i in range(depth)],
+        "final_norm": llm[f"final_norm{suffix}"]["scale"],
+    }
 
 
 # -- openpi's arithmetic, per layer -----------------------------------------------------------------------------
