@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -66,9 +66,8 @@ class Dialect(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class HttpReply:
-    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way."""
+class HttpReply(NamedTuple):
+    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way (immutable)."""
 
     status: int
     content_type: str
@@ -264,7 +263,7 @@ class ServerCore:
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
-        if _payload_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
+        if _reply_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
             raise RemotePolicyError(
                 f"policy reply exceeds the message limit of {self.max_message_bytes} bytes"
             )
@@ -302,12 +301,14 @@ class ServerCore:
         self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, dialect: Dialect | None = None
     ) -> bytes:
         started = time.perf_counter()
-        return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
+        obs = self.unpack_obs(body, dialect)
+        return self._infer_unpacked(obs, started, with_kind, dialect, has_jpeg(obs))
 
     def _infer_unpacked(
-        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None
+        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None, jpeg: bool
     ) -> bytes:
-        if has_jpeg(obs):
+        """Validate and run an unpacked request on this thread (``jpeg``: :func:`has_jpeg` of it, known)."""
+        if jpeg:
             self._decode_jpeg(obs)
         validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
@@ -349,10 +350,11 @@ class ServerCore:
                 if not (blocking or self.runner.can_run_now()):
                     return None
                 started = time.perf_counter()
-                obs = self.unpack_obs(body)
-                if has_jpeg(obs) and not blocking:
+                obs = codec.unpackb(body)
+                jpeg = has_jpeg(obs)
+                if jpeg and not blocking:
                     return None  # decoded off the event loop by handle()
-                return self._infer_unpacked(obs, started, True), True
+                return self._infer_unpacked(obs, started, True, None, jpeg), True
             if kind == protocol.RESET:
                 if not (blocking or self.runner.inline):
                     return None
@@ -367,16 +369,23 @@ class ServerCore:
             return self.error_message(exc), True
 
     async def handle(self, message: bytes | bytearray | memoryview, session: Session) -> tuple[bytes, bool]:
-        """One message in, ``(reply message, keep_open)`` out. Never raises for bad input."""
+        """One message in, ``(reply message, keep_open)`` out. Never raises for bad input.
+
+        An authenticated INFER goes straight to :meth:`infer` (which runs an idle inline policy at once
+        too), so a request that :meth:`handle_now` declined is not unpacked a second time here.
+        """
+        try:
+            kind, body = protocol.split_message(message)
+            if kind == protocol.INFER and session.authenticated:
+                return await self.infer(body, client=id(session)), True
+        except Exception as exc:
+            return self.error_message(exc), True
         now = self.handle_now(message, session)
         if now is not None:
             return now
-        try:
-            kind, body = protocol.split_message(message)
-            if kind == protocol.RESET:
-                await self.runner.areset()
-                return protocol.encode_message(protocol.RESET_OK, {}), True
-            return await self.infer(body, client=id(session)), True
+        try:  # only a RESET of a policy that runs on its thread gets here
+            await self.runner.areset()
+            return protocol.encode_message(protocol.RESET_OK, {}), True
         except Exception as exc:
             return self.error_message(exc), True
 
@@ -436,6 +445,17 @@ def _declares_action(policy: Any) -> bool:
     """True when the policy states its action shape (its metadata), so replies are checked against it."""
     meta = getattr(policy, "metadata", None)
     return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def _reply_bytes(reply: dict[str, Any]) -> int:
+    """:func:`_payload_bytes` of a reply map, with its usual entries (arrays, numbers) counted inline."""
+    total = 0
+    for v in reply.values():
+        if type(v) is np.ndarray:
+            total += v.nbytes
+        elif type(v) is not float and type(v) is not int:  # scalars: a few bytes, not worth a call
+            total += _payload_bytes(v, 1)
+    return total
 
 
 def _payload_bytes(value: Any, depth: int = 0) -> int:
