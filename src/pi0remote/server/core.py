@@ -19,7 +19,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -210,7 +210,10 @@ class ServerCore:
         self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
     ) -> dict[str, Any]:
         """Like :meth:`decode_obs`, with JPEG decoding on the decode pool instead of the event loop."""
-        obs = self.unpack_obs(body, dialect)
+        return await self._checked_async(self.unpack_obs(body, dialect))
+
+    async def _checked_async(self, obs: Any) -> dict[str, Any]:
+        """An unpacked request, its JPEG fields decoded on the decode pool, validated."""
         if has_jpeg(obs):
             if self._decode_pool is None:
                 self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
@@ -291,7 +294,13 @@ class ServerCore:
         body and the reply are in that protocol's shape instead.
         """
         started = time.perf_counter()
-        obs = await self.decode_obs_async(body, dialect)
+        return await self._infer_obs(self.unpack_obs(body, dialect), started, with_kind, client, dialect)
+
+    async def _infer_obs(
+        self, obs: Any, started: float, with_kind: bool, client: Any, dialect: Dialect | None = None
+    ) -> bytes:
+        """:meth:`infer` of an unpacked request (``started``: when its handling began)."""
+        obs = await self._checked_async(obs)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
@@ -351,7 +360,7 @@ class ServerCore:
                     return None
                 started = time.perf_counter()
                 obs = codec.unpackb(body)
-                jpeg = has_jpeg(obs)
+                jpeg = type(obs) is dict and dict in map(type, obs.values())  # has_jpeg(obs), inline
                 if jpeg and not blocking:
                     return None  # decoded off the event loop by handle()
                 return self._infer_unpacked(obs, started, True, None, jpeg), True
@@ -399,6 +408,18 @@ class ServerCore:
         ``/healthz`` (no token; 503 while warming up or stuck); typed errors as msgpack, or JSON when the
         client accepts JSON. ``client`` identifies the connection for batching.
         """
+        reply = self.handle_http_now(method, path, headers, body, client=client)
+        return reply if isinstance(reply, HttpReply) else await reply
+
+    def handle_http_now(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, client: Any = None
+    ) -> HttpReply | Coroutine[Any, Any, HttpReply]:
+        """:meth:`handle_http` without a task where none is needed: the reply, or a coroutine giving it.
+
+        Only an inference that waits (for the policy thread or JPEG decoding) and a reset of a policy
+        that runs on its thread are coroutines; everything else, an idle inline policy's inference
+        included, is answered on the spot. Never raises.
+        """
         wants_json = JSON in headers.get("accept", "")
         if path == "/healthz":
             status, word = self.health()
@@ -416,13 +437,28 @@ class ServerCore:
             return HttpReply(200, MSGPACK, self.metadata_body())
         if path == "/ws":
             return self.http_error(400, ProtocolError("/ws needs a WebSocket upgrade"), wants_json)
+        if path == "/reset":
+            return self._http_wait(self._reset_body(), wants_json)
+        if not self.runner.can_run_now():
+            return self._http_wait(self.infer(body, with_kind=False, client=client), wants_json)
         try:
-            if path == "/infer":
-                return HttpReply(200, MSGPACK, await self.infer(body, with_kind=False, client=client))
-            await self.runner.areset()
-            return HttpReply(200, MSGPACK, codec.packb({}))
+            started = time.perf_counter()
+            obs = codec.unpackb(body)
+            if has_jpeg(obs):  # decoded off the event loop
+                return self._http_wait(self._infer_obs(obs, started, False, client), wants_json)
+            return HttpReply(200, MSGPACK, self._infer_unpacked(obs, started, False, None, False))
         except Exception as exc:
             return self.http_error(status_for(exc), exc, wants_json)
+
+    async def _http_wait(self, call: Coroutine[Any, Any, bytes], wants_json: bool) -> HttpReply:
+        try:
+            return HttpReply(200, MSGPACK, await call)
+        except Exception as exc:
+            return self.http_error(status_for(exc), exc, wants_json)
+
+    async def _reset_body(self) -> bytes:
+        await self.runner.areset()
+        return codec.packb({})
 
     def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
         body = to_wire(exc)

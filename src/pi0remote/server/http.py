@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Coroutine
 from typing import Any
 
 from .. import protocol
@@ -31,7 +32,7 @@ from ..errors import (
     to_wire,
 )
 from .connection import MessageConnection, linger_close, set_nodelay
-from .core import ServerCore, Session, status_for
+from .core import HttpReply, ServerCore, Session, status_for
 from .limits import admit_transport
 
 MAX_HEAD_BYTES = 16384
@@ -282,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- HTTP request loop ----------------------------------------------------------------------
     def _process(self) -> None:
-        while self.transport is not None and not self.busy and self.ws is None:
+        while self.transport is not None and not self.busy and self.ws is None and not self.closing:
             if self.request is None:
                 if not self._start_request():
                     return
@@ -375,17 +376,25 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(status, "application/msgpack", protocol.codec.packb(body), close=close)
 
     def _dispatch(self, request: _Request, body: bytes) -> None:
-        """Every endpoint is the core's (:meth:`ServerCore.handle_http`); this only writes the reply."""
+        """Every endpoint is the core's (:meth:`ServerCore.handle_http_now`); this only writes the reply.
+
+        A reply the core has at once is written at once; one it must wait for is awaited in a task,
+        during which nothing more is read or served on this connection.
+        """
+        reply = self.core.handle_http_now(
+            request.method, request.path, request.headers, body, client=id(self)
+        )
+        if isinstance(reply, HttpReply):
+            self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
+            return
         self.busy = True
         if self.conn is not None:
             self.conn.suspend_idle_timer()
-        asyncio.get_running_loop().create_task(self._run(request, body))
+        asyncio.get_running_loop().create_task(self._run(request, reply))
 
-    async def _run(self, request: _Request, body: bytes) -> None:
+    async def _run(self, request: _Request, pending: Coroutine[Any, Any, HttpReply]) -> None:
         try:
-            reply = await self.core.handle_http(
-                request.method, request.path, request.headers, body, client=id(self)
-            )
+            reply = await pending
             self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
         finally:
             self.busy = False
