@@ -105,7 +105,12 @@ def _checked_dtype(type_str: Any) -> np.dtype:
 
 
 def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
-    dtype = _checked_dtype(type_str)
+    try:
+        dtype = _DTYPE_CACHE.get(type_str)  # the hot path: a dtype field seen before
+    except TypeError:  # an unhashable field (a list, a map): _checked_dtype says what is wrong
+        dtype = None
+    if dtype is None:
+        dtype = _checked_dtype(type_str)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError("array data must be a msgpack bin")
     if not isinstance(shape, (list, tuple)):
@@ -119,7 +124,7 @@ def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
         raise CodecError(
             f"array data has {len(data)} bytes, shape {list(shape)} of {dtype} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    return np.ndarray(shape, dtype, data)  # a view of ``data`` (read-only for bytes), its size checked above
 
 
 def _decode_hook(obj: dict) -> Any:
