@@ -49,10 +49,18 @@ def _other(obj: Any) -> Any:
 
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in ALLOWED_KINDS and obj.flags.c_contiguous and obj.ndim and obj.size:  # hot path
-            data: Any = memoryview(obj).cast("B")
-        else:
-            obj, data = _array_bytes(obj)
+        dtype = obj.dtype
+        if dtype.kind in ALLOWED_KINDS and obj.ndim and obj.size:  # hot path: C-contiguous, as most are
+            view = memoryview(obj)
+            if view.c_contiguous:
+                return {
+                    b"nd": True,
+                    b"type": dtype.str,
+                    b"kind": b"",
+                    b"shape": obj.shape,
+                    b"data": view.cast("B"),
+                }
+        obj, data = _array_bytes(obj)
         return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
     if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
         return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
