@@ -143,7 +143,12 @@ def test_load_stats_counts_inline_calls_with_the_waited_ones() -> None:
     stats.record([1.0], now=t + 10)  # much later: everything before has left the window
     later = stats.snapshot(now=t + 10.5)
     assert later["mean_batch"] == 1.0 and later["queue_wait_p50_ms"] == 1.0 and stats.total_calls == 9
-    assert stats.snapshot(now=t + 20) == {**later, "calls_per_s": 0.0, "mean_batch": 0.0, "queue_wait_p50_ms": 0.0}
+    assert stats.snapshot(now=t + 20) == {
+        **later,
+        "calls_per_s": 0.0,
+        "mean_batch": 0.0,
+        "queue_wait_p50_ms": 0.0,
+    }
 
 
 class FakeTunnel:

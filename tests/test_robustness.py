@@ -219,7 +219,9 @@ def test_http_pipelined_inline_inferences_answer_in_order_and_stop_at_connection
         return b"POST /infer HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (extra, len(body)) + body
 
     with BackgroundServer(load_policy("echo"), name="echo", http_port=0) as srv:
-        data = A.http_request(addr(srv, "http"), post(1) + post(2) + post(3, b"Connection: close\r\n") + post(4))
+        data = A.http_request(
+            addr(srv, "http"), post(1) + post(2) + post(3, b"Connection: close\r\n") + post(4)
+        )
     shapes = []
     while data:
         head, _, rest = data.partition(b"\r\n\r\n")

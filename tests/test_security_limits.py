@@ -93,7 +93,14 @@ def test_parse_head_keeps_well_formed_requests() -> None:
     assert req.headers["x-a"] == "1, 2" and req.headers["content-length"] == "7"
 
 
-_GOOD_LINES = [b"Host: a", b"Accept: application/msgpack", b"Content-Length: 7", b"X-A: 1", b"x-a:  2 \t", b"E:"]
+_GOOD_LINES = [
+    b"Host: a",
+    b"Accept: application/msgpack",
+    b"Content-Length: 7",
+    b"X-A: 1",
+    b"x-a:  2 \t",
+    b"E:",
+]
 _MUTATIONS = [b" ", b"\t", b"\r", b"\n", b"\x00", b"\x7f", b"\xff", b":", b"", b"(", b"\r\n", b"HTTP/2.0"]
 
 
