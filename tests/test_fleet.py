@@ -129,6 +129,28 @@ def test_load_stats_counts_sessions_calls_batches_and_waits() -> None:
     assert stats.snapshot(now=t + 10)["calls_per_s"] == 0.0  # out of the window
 
 
+def test_load_stats_counts_inline_calls_with_the_waited_ones() -> None:
+    stats = LoadStats(window_s=2.0)
+    for _ in range(3):
+        stats.record_idle()  # an inline policy's calls: no queue wait
+    stats.record([4.0, 6.0])
+    snap = stats.snapshot()
+    assert stats.total_calls == 5 and snap["mean_batch"] == 5 / 4
+    assert snap["queue_wait_p50_ms"] == 0.0  # three of the five calls did not wait
+    stats.record([8.0, 9.0, 7.0])
+    assert stats.snapshot()["queue_wait_p50_ms"] == 6.0  # 0 0 0 4 6 7 8 9: the upper median
+    t = time.monotonic()
+    stats.record([1.0], now=t + 10)  # much later: everything before has left the window
+    later = stats.snapshot(now=t + 10.5)
+    assert later["mean_batch"] == 1.0 and later["queue_wait_p50_ms"] == 1.0 and stats.total_calls == 9
+    assert stats.snapshot(now=t + 20) == {
+        **later,
+        "calls_per_s": 0.0,
+        "mean_batch": 0.0,
+        "queue_wait_p50_ms": 0.0,
+    }
+
+
 class FakeTunnel:
     def __init__(self, port: int) -> None:
         self.tcp_socket = ("127.0.0.1", port)

@@ -206,3 +206,27 @@ def test_policy_that_raises_does_not_affect_others(server) -> None:
                 bad.infer(make_obs(0, **{"raise": True}))
             obs = make_obs(4)
             np.testing.assert_array_equal(good.infer(obs)["action"], expected_action(obs["state"]))
+
+
+def test_http_pipelined_inline_inferences_answer_in_order_and_stop_at_connection_close() -> None:
+    """An inline policy's inferences are answered on the spot, one per pipelined request, in order; a
+    request asking for ``Connection: close`` is the last one served on its connection."""
+    from pi0remote.harness import attacks as A
+    from pi0remote.policies import load_policy
+
+    def post(n: int, extra: bytes = b"") -> bytes:
+        body = codec.packb({"x": np.zeros(n, np.float32)})
+        return b"POST /infer HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (extra, len(body)) + body
+
+    with BackgroundServer(load_policy("echo"), name="echo", http_port=0) as srv:
+        data = A.http_request(
+            addr(srv, "http"), post(1) + post(2) + post(3, b"Connection: close\r\n") + post(4)
+        )
+    shapes = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        shapes.append(codec.unpackb(rest[:length])["received"]["x"]["shape"])
+        data = rest[length:]
+    assert shapes == [[1], [2], [3]]  # the fourth came after the close: never served

@@ -3,6 +3,7 @@ decode errors, policy isolation, reply checks, connection and QUIC limits, JPEG 
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
 import time
@@ -11,11 +12,11 @@ import pytest
 
 from conftest import HAVE_QUIC
 from pi0remote import connect, protocol
-from pi0remote.errors import InvalidInputError, PolicyTimeout, RemotePolicyError
+from pi0remote.errors import InvalidInputError, PolicyTimeout, ProtocolError, RemotePolicyError
 from pi0remote.harness import attacks as A
 from pi0remote.harness.obs import canonical_obs
 from pi0remote.server import BackgroundServer, Limits, resolve_token
-from pi0remote.server.http import parse_head
+from pi0remote.server.http import _parse_head_carefully, parse_head
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,6 +91,61 @@ def test_parse_head_keeps_well_formed_requests() -> None:
     req = parse_head(b"POST /infer?x=1 HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 7\r\n\r\n")
     assert (req.method, req.path, req.version) == ("POST", "/infer", "HTTP/1.1")
     assert req.headers["x-a"] == "1, 2" and req.headers["content-length"] == "7"
+
+
+_GOOD_LINES = [
+    b"Host: a",
+    b"Accept: application/msgpack",
+    b"Content-Length: 7",
+    b"X-A: 1",
+    b"x-a:  2 \t",
+    b"E:",
+]
+_MUTATIONS = [b" ", b"\t", b"\r", b"\n", b"\x00", b"\x7f", b"\xff", b":", b"", b"(", b"\r\n", b"HTTP/2.0"]
+
+
+def _parsed(parse, head: bytes) -> tuple:
+    try:
+        r = parse(head)
+    except ProtocolError as exc:
+        return ("refused", str(exc))
+    return (r.method, r.path, r.headers, r.version, r.head)
+
+
+_REQUEST_LINES = [b"POST /infer?x=1 HTTP/1.1", b"GET /healthz HTTP/1.0", b"HEAD / HTTP/1.1"]
+
+
+def test_parse_head_fast_path_agrees_with_the_careful_parser() -> None:
+    """The one-pattern fast path accepts exactly what the line-by-line parser accepts, with the same result:
+    well-formed heads with up to two bytes patched (seeded, so a failure reproduces)."""
+    rng = random.Random(17)
+    accepted = 0
+    for _ in range(4000):
+        lines = [rng.choice(_REQUEST_LINES), *rng.sample(_GOOD_LINES, rng.randint(0, len(_GOOD_LINES)))]
+        head = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            pos = rng.randrange(len(head))
+            head[pos : pos + rng.randint(0, 2)] = rng.choice(_MUTATIONS)
+        fast, careful = _parsed(parse_head, bytes(head)), _parsed(_parse_head_carefully, bytes(head))
+        assert fast == careful, bytes(head)
+        accepted += fast[0] != "refused"
+    assert 1000 < accepted < 3900  # both kinds were tried
+
+
+def test_parse_head_fast_path_refuses_what_the_careful_parser_refuses() -> None:
+    for head in (
+        b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",  # a single-use header twice
+        b"GET / HTTP/1.1\r\nX: a\nY: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+        b"GET /a\tb HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: \x01\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+    ):
+        with pytest.raises(ProtocolError):
+            parse_head(head)
+    slow = b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 2000 + b"\x00\r\n\r\n"  # fails at its end
+    with pytest.raises(ProtocolError, match="control character"):
+        parse_head(slow)
 
 
 # -- typed decode errors ------------------------------------------------------------------------------

@@ -49,10 +49,18 @@ def _other(obj: Any) -> Any:
 
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in ALLOWED_KINDS and obj.flags.c_contiguous and obj.ndim and obj.size:  # hot path
-            data: Any = memoryview(obj).cast("B")
-        else:
-            obj, data = _array_bytes(obj)
+        dtype = obj.dtype
+        if dtype.kind in ALLOWED_KINDS and obj.ndim and obj.size:  # hot path: C-contiguous, as most are
+            view = memoryview(obj)
+            if view.c_contiguous:
+                return {
+                    b"nd": True,
+                    b"type": dtype.str,
+                    b"kind": b"",
+                    b"shape": obj.shape,
+                    b"data": view.cast("B"),
+                }
+        obj, data = _array_bytes(obj)
         return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
     if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
         return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
@@ -105,7 +113,12 @@ def _checked_dtype(type_str: Any) -> np.dtype:
 
 
 def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
-    dtype = _checked_dtype(type_str)
+    try:
+        dtype = _DTYPE_CACHE.get(type_str)  # the hot path: a dtype field seen before
+    except TypeError:  # an unhashable field (a list, a map): _checked_dtype says what is wrong
+        dtype = None
+    if dtype is None:
+        dtype = _checked_dtype(type_str)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError("array data must be a msgpack bin")
     if not isinstance(shape, (list, tuple)):
@@ -119,7 +132,7 @@ def _array_from(data: Any, type_str: Any, shape: Any) -> np.ndarray:
         raise CodecError(
             f"array data has {len(data)} bytes, shape {list(shape)} of {dtype} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    return np.ndarray(shape, dtype, data)  # a view of ``data`` (read-only for bytes), its size checked above
 
 
 def _decode_hook(obj: dict) -> Any:

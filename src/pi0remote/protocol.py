@@ -191,6 +191,7 @@ def encode_result(
 
 
 _SCRATCH = threading.local()
+_NO_VIEW = memoryview(b"")
 
 
 def _scratch() -> memoryview:
@@ -234,6 +235,7 @@ class FrameDecoder:
         self._body_filled = 0
         self._ready: deque[bytearray] = deque()
         self.broken = False
+        self._lent = _NO_VIEW
         self.rejected_header = b""
         """The 4 header bytes of a refused frame (see :func:`looks_like_http`)."""
 
@@ -255,7 +257,8 @@ class FrameDecoder:
             if len(body) == self._body_filled:
                 body = self._grow()
             return memoryview(body)[self._body_filled :]
-        return _scratch()
+        self._lent = _scratch()
+        return self._lent
 
     def buffer_updated(self, nbytes: int) -> None:
         body = self._body
@@ -264,7 +267,7 @@ class FrameDecoder:
             if self._body_filled == self._body_len:
                 self._finish_body()
             return
-        self.feed(_scratch()[:nbytes])
+        self.feed(self._lent[:nbytes])  # the scratch get_buffer() just lent (this thread's)
 
     def _grow(self) -> bytearray:
         """A larger body buffer (a new one: the old may still be exported to a reader)."""

@@ -9,6 +9,7 @@ header; then HELLO / METADATA as on every transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 from typing import Any
@@ -27,6 +28,18 @@ from ._sock import (
 )
 from .session import AsyncBytePump, BytePump, Message, TransportOptions
 from .translate import swap_scheme, translate, websockets_table, ws_status_error
+
+
+@functools.cache
+def _websockets() -> tuple[Any, Any, Any]:
+    """``Frame``, ``Opcode`` and ``apply_mask`` of websockets, imported on first use (once, not per call)."""
+    from websockets.frames import Frame, Opcode
+
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:  # pure-Python build of websockets
+        from websockets.utils import apply_mask
+    return Frame, Opcode, apply_mask
 
 
 class BlockingWebSocket:
@@ -119,8 +132,7 @@ class BlockingWebSocket:
 
     def message(self, events: list[Any]) -> bytes | None:
         """The first complete data message in ``events``; raises on a close frame."""
-        from websockets.frames import Frame, Opcode
-
+        Frame, Opcode, _ = _websockets()
         for event in events:
             if not isinstance(event, Frame):
                 continue
@@ -168,10 +180,7 @@ def masked_binary_frame(message: bytes | list) -> list[bytes | memoryview]:
     its own with the mask rotated to its offset, so the payload is copied once, by the masking itself,
     instead of being joined, masked and re-buffered. Returns the pieces for one ``sendmsg``.
     """
-    try:
-        from websockets.speedups import apply_mask
-    except ImportError:  # pure-Python build of websockets
-        from websockets.utils import apply_mask
+    apply_mask = _websockets()[2]
     parts = message if isinstance(message, list) else [message]
     length = sum(map(len, parts))
     mask = os.urandom(4)

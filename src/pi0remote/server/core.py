@@ -19,9 +19,9 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -66,9 +66,8 @@ class Dialect(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class HttpReply:
-    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way."""
+class HttpReply(NamedTuple):
+    """What :meth:`ServerCore.handle_http` answers; the front end writes it its own way (immutable)."""
 
     status: int
     content_type: str
@@ -211,7 +210,10 @@ class ServerCore:
         self, body: bytes | bytearray | memoryview, dialect: Dialect | None = None
     ) -> dict[str, Any]:
         """Like :meth:`decode_obs`, with JPEG decoding on the decode pool instead of the event loop."""
-        obs = self.unpack_obs(body, dialect)
+        return await self._checked_async(self.unpack_obs(body, dialect))
+
+    async def _checked_async(self, obs: Any) -> dict[str, Any]:
+        """An unpacked request, its JPEG fields decoded on the decode pool, validated."""
         if has_jpeg(obs):
             if self._decode_pool is None:
                 self._decode_pool = DaemonExecutor(2, name="pi0remote-decode")
@@ -264,7 +266,7 @@ class ServerCore:
         if isinstance(policy_timing, dict):
             timing.update(policy_timing)
         reply.setdefault("inference_ms", timing["policy_ms"])
-        if _payload_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
+        if _reply_bytes(reply) > self.max_message_bytes:  # refuse before spending time encoding it
             raise RemotePolicyError(
                 f"policy reply exceeds the message limit of {self.max_message_bytes} bytes"
             )
@@ -292,7 +294,13 @@ class ServerCore:
         body and the reply are in that protocol's shape instead.
         """
         started = time.perf_counter()
-        obs = await self.decode_obs_async(body, dialect)
+        return await self._infer_obs(self.unpack_obs(body, dialect), started, with_kind, client, dialect)
+
+    async def _infer_obs(
+        self, obs: Any, started: float, with_kind: bool, client: Any, dialect: Dialect | None = None
+    ) -> bytes:
+        """:meth:`infer` of an unpacked request (``started``: when its handling began)."""
+        obs = await self._checked_async(obs)
         decode_ms = (time.perf_counter() - started) * 1000.0
         result, timing = await self.runner.submit(obs, client)
         timing["decode_ms"] = decode_ms
@@ -302,12 +310,14 @@ class ServerCore:
         self, body: bytes | bytearray | memoryview, *, with_kind: bool = True, dialect: Dialect | None = None
     ) -> bytes:
         started = time.perf_counter()
-        return self._infer_unpacked(self.unpack_obs(body, dialect), started, with_kind, dialect)
+        obs = self.unpack_obs(body, dialect)
+        return self._infer_unpacked(obs, started, with_kind, dialect, has_jpeg(obs))
 
     def _infer_unpacked(
-        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None = None
+        self, obs: Any, started: float, with_kind: bool, dialect: Dialect | None, jpeg: bool
     ) -> bytes:
-        if has_jpeg(obs):
+        """Validate and run an unpacked request on this thread (``jpeg``: :func:`has_jpeg` of it, known)."""
+        if jpeg:
             self._decode_jpeg(obs)
         validate_request(obs, self.meta)
         decode_ms = (time.perf_counter() - started) * 1000.0
@@ -349,10 +359,11 @@ class ServerCore:
                 if not (blocking or self.runner.can_run_now()):
                     return None
                 started = time.perf_counter()
-                obs = self.unpack_obs(body)
-                if has_jpeg(obs) and not blocking:
+                obs = codec.unpackb(body)
+                jpeg = type(obs) is dict and dict in map(type, obs.values())  # has_jpeg(obs), inline
+                if jpeg and not blocking:
                     return None  # decoded off the event loop by handle()
-                return self._infer_unpacked(obs, started, True), True
+                return self._infer_unpacked(obs, started, True, None, jpeg), True
             if kind == protocol.RESET:
                 if not (blocking or self.runner.inline):
                     return None
@@ -367,16 +378,23 @@ class ServerCore:
             return self.error_message(exc), True
 
     async def handle(self, message: bytes | bytearray | memoryview, session: Session) -> tuple[bytes, bool]:
-        """One message in, ``(reply message, keep_open)`` out. Never raises for bad input."""
+        """One message in, ``(reply message, keep_open)`` out. Never raises for bad input.
+
+        An authenticated INFER goes straight to :meth:`infer` (which runs an idle inline policy at once
+        too), so a request that :meth:`handle_now` declined is not unpacked a second time here.
+        """
+        try:
+            kind, body = protocol.split_message(message)
+            if kind == protocol.INFER and session.authenticated:
+                return await self.infer(body, client=id(session)), True
+        except Exception as exc:
+            return self.error_message(exc), True
         now = self.handle_now(message, session)
         if now is not None:
             return now
-        try:
-            kind, body = protocol.split_message(message)
-            if kind == protocol.RESET:
-                await self.runner.areset()
-                return protocol.encode_message(protocol.RESET_OK, {}), True
-            return await self.infer(body, client=id(session)), True
+        try:  # only a RESET of a policy that runs on its thread gets here
+            await self.runner.areset()
+            return protocol.encode_message(protocol.RESET_OK, {}), True
         except Exception as exc:
             return self.error_message(exc), True
 
@@ -389,6 +407,18 @@ class ServerCore:
         ``POST /infer`` and ``POST /reset`` carry msgpack bodies; ``GET /metadata`` (JSON when asked);
         ``/healthz`` (no token; 503 while warming up or stuck); typed errors as msgpack, or JSON when the
         client accepts JSON. ``client`` identifies the connection for batching.
+        """
+        reply = self.handle_http_now(method, path, headers, body, client=client)
+        return reply if isinstance(reply, HttpReply) else await reply
+
+    def handle_http_now(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, *, client: Any = None
+    ) -> HttpReply | Coroutine[Any, Any, HttpReply]:
+        """:meth:`handle_http` without a task where none is needed: the reply, or a coroutine giving it.
+
+        Only an inference that waits (for the policy thread or JPEG decoding) and a reset of a policy
+        that runs on its thread are coroutines; everything else, an idle inline policy's inference
+        included, is answered on the spot. Never raises.
         """
         wants_json = JSON in headers.get("accept", "")
         if path == "/healthz":
@@ -407,13 +437,28 @@ class ServerCore:
             return HttpReply(200, MSGPACK, self.metadata_body())
         if path == "/ws":
             return self.http_error(400, ProtocolError("/ws needs a WebSocket upgrade"), wants_json)
+        if path == "/reset":
+            return self._http_wait(self._reset_body(), wants_json)
+        if not self.runner.can_run_now():
+            return self._http_wait(self.infer(body, with_kind=False, client=client), wants_json)
         try:
-            if path == "/infer":
-                return HttpReply(200, MSGPACK, await self.infer(body, with_kind=False, client=client))
-            await self.runner.areset()
-            return HttpReply(200, MSGPACK, codec.packb({}))
+            started = time.perf_counter()
+            obs = codec.unpackb(body)
+            if has_jpeg(obs):  # decoded off the event loop
+                return self._http_wait(self._infer_obs(obs, started, False, client), wants_json)
+            return HttpReply(200, MSGPACK, self._infer_unpacked(obs, started, False, None, False))
         except Exception as exc:
             return self.http_error(status_for(exc), exc, wants_json)
+
+    async def _http_wait(self, call: Coroutine[Any, Any, bytes], wants_json: bool) -> HttpReply:
+        try:
+            return HttpReply(200, MSGPACK, await call)
+        except Exception as exc:
+            return self.http_error(status_for(exc), exc, wants_json)
+
+    async def _reset_body(self) -> bytes:
+        await self.runner.areset()
+        return codec.packb({})
 
     def http_error(self, status: int, exc: BaseException, wants_json: bool = False) -> HttpReply:
         body = to_wire(exc)
@@ -436,6 +481,17 @@ def _declares_action(policy: Any) -> bool:
     """True when the policy states its action shape (its metadata), so replies are checked against it."""
     meta = getattr(policy, "metadata", None)
     return isinstance(meta, PolicyMetadata) or (isinstance(meta, Mapping) and "action_shape" in meta)
+
+
+def _reply_bytes(reply: dict[str, Any]) -> int:
+    """:func:`_payload_bytes` of a reply map, with its usual entries (arrays, numbers) counted inline."""
+    total = 0
+    for v in reply.values():
+        if type(v) is np.ndarray:
+            total += v.nbytes
+        elif type(v) is not float and type(v) is not int:  # scalars: a few bytes, not worth a call
+            total += _payload_bytes(v, 1)
+    return total
 
 
 def _payload_bytes(value: Any, depth: int = 0) -> int:

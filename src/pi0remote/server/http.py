@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Coroutine
 from typing import Any
 
 from .. import protocol
@@ -30,7 +32,7 @@ from ..errors import (
     to_wire,
 )
 from .connection import MessageConnection, linger_close, set_nodelay
-from .core import ServerCore, Session, status_for
+from .core import HttpReply, ServerCore, Session, status_for
 from .limits import admit_transport
 
 MAX_HEAD_BYTES = 16384
@@ -80,12 +82,46 @@ class _Request:
         self.version = version
 
 
+_TOKEN_RE = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_WELL_FORMED = re.compile(
+    rf"({_TOKEN_RE}) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])\r\n"
+    rf"((?:{_TOKEN_RE}:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+)
+"""The well-formed start of a head: the request line (token method, a target without spaces, tabs or
+control bytes, HTTP/1.0 or 1.1) and as many header lines (token name, a colon, a value of text bytes and
+tabs, CRLF) as follow. When only the final CRLF is left after it, :func:`_parse_head_carefully` would
+accept the head too (duplicate single-use headers aside). No trailing part in the pattern, so a head
+that is not well formed ends the match where it goes wrong instead of making the engine backtrack."""
+
+
 def parse_head(head: bytes) -> _Request:
     """Request line and headers (names lower-cased) of one HTTP/1.x request head; strict.
 
     Raises :class:`ProtocolError` for anything but ``METHOD SP TARGET SP HTTP/1.x`` and ``name: value``
     lines (token names, CRLF line ends, no folding, no control characters, single-use headers once).
+    One regular expression checks a whole well-formed head at once; any other head goes to
+    :func:`_parse_head_carefully`, which finds what is wrong with it.
     """
+    text = head.decode("latin-1")
+    match = _WELL_FORMED.match(text)
+    if match is None or match.end() != len(text) - 2 or not text.endswith("\r\n"):
+        return _parse_head_carefully(head)
+    method, target, version, block = match.groups()
+    headers: dict[str, str] = {}
+    for line in block.split("\r\n")[:-1]:  # the lines the pattern checked: each has its colon
+        name, _, value = line.partition(":")
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in _SINGLE:
+                raise ProtocolError(f"duplicate {key} header")
+            value = f"{headers[key]}, {value}"
+        headers[key] = value
+    return _Request(method, target.split("?", 1)[0], headers, head, version)
+
+
+def _parse_head_carefully(head: bytes) -> _Request:
+    """:func:`parse_head` line by line: the same result for a well-formed head, the precise error otherwise."""
     if head.replace(b"\r\n", b"").translate(None, _TEXT):
         raise ProtocolError("control character or bare line feed in the HTTP request head")
     lines = head.split(b"\r\n")
@@ -149,6 +185,7 @@ class HttpProtocol(asyncio.Protocol):
         self._addr: Any = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._served = False
+        self._outbound_cap = core.outbound_cap
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,7 +266,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
-            if transport.get_write_buffer_size() > self.core.outbound_cap:
+            if transport.get_write_buffer_size() > self._outbound_cap:
                 transport.abort()  # a client that does not read its replies
 
     def data_received(self, data: bytes) -> None:
@@ -246,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- HTTP request loop ----------------------------------------------------------------------
     def _process(self) -> None:
-        while self.transport is not None and not self.busy and self.ws is None:
+        while self.transport is not None and not self.busy and self.ws is None and not self.closing:
             if self.request is None:
                 if not self._start_request():
                     return
@@ -339,17 +376,25 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(status, "application/msgpack", protocol.codec.packb(body), close=close)
 
     def _dispatch(self, request: _Request, body: bytes) -> None:
-        """Every endpoint is the core's (:meth:`ServerCore.handle_http`); this only writes the reply."""
+        """Every endpoint is the core's (:meth:`ServerCore.handle_http_now`); this only writes the reply.
+
+        A reply the core has at once is written at once; one it must wait for is awaited in a task,
+        during which nothing more is read or served on this connection.
+        """
+        reply = self.core.handle_http_now(
+            request.method, request.path, request.headers, body, client=id(self)
+        )
+        if isinstance(reply, HttpReply):
+            self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
+            return
         self.busy = True
         if self.conn is not None:
             self.conn.suspend_idle_timer()
-        asyncio.get_running_loop().create_task(self._run(request, body))
+        asyncio.get_running_loop().create_task(self._run(request, reply))
 
-    async def _run(self, request: _Request, body: bytes) -> None:
+    async def _run(self, request: _Request, pending: Coroutine[Any, Any, HttpReply]) -> None:
         try:
-            reply = await self.core.handle_http(
-                request.method, request.path, request.headers, body, client=id(self)
-            )
+            reply = await pending
             self._respond(reply.status, reply.content_type, reply.body, close=not self._keep_alive(request))
         finally:
             self.busy = False
@@ -441,7 +486,7 @@ class WebSocketSession:
         data = self.proto.data_to_send()
         if data and not self.transport.is_closing():
             self.transport.writelines(data)
-        if any(d == b"" for d in data):  # websockets asks for the TCP close
+        if b"" in data:  # websockets asks for the TCP close
             linger_close(self.transport)
 
     def _send(self, message: bytes) -> None:

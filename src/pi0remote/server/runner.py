@@ -134,7 +134,7 @@ class PolicyRunner:
     def run_sync(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, dict[str, float]]:
         """In-process path (the ``local://`` transport): call the policy on this thread."""
         result, policy_ms = self._call_one(obs)
-        self.load.record((0.0,))
+        self.load.record_idle()
         return result, {"queue_ms": 0.0, "policy_ms": policy_ms, "batch_size": 1}
 
     def reset(self) -> None:

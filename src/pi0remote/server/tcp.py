@@ -36,6 +36,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         self.session = Session(authenticated=False, transport=self.transport_name)
         self._addr: Any = None
         self._preauth = 0
+        self._outbound_cap = core.outbound_cap
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -76,7 +77,7 @@ class FramedStreamProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(protocol.frame_header(len(message)) + message)
-            if transport.get_write_buffer_size() > self.core.outbound_cap:
+            if transport.get_write_buffer_size() > self._outbound_cap:
                 transport.abort()  # a client that does not read its replies
 
     def get_buffer(self, sizehint: int) -> memoryview:
