@@ -107,6 +107,8 @@ def test_default_checkpoint_goes_through_openpi_factory(fake):
     assert isinstance(policy, pi0_mod.FastPi0Policy)
     assert policy.metadata.extra["path"] == "fast"
     assert exact().metadata.extra["path"] == "exact"
+    # the stand-in model has no stacked Gemma layers: openpi's modules serve, and the metadata says why
+    assert policy.metadata.extra["layers"].startswith("openpi (") and policy._layers is None
 
 
 def test_options_reach_openpi_factory(fake):
