@@ -8,6 +8,8 @@
 #   benchmarks/pi0_device.sh checkpoint                the checkpoint path (benchmarks/pi0_checkpoint.sh): make a
 #                                                      checkpoint in openpi's layout, check fast vs openpi, bench
 #                                                      fast, --exact and openpi's own server in one run
+#   benchmarks/pi0_device.sh profile [ARGS...]         where a batch-1 call's GPU time goes
+#                                                      (benchmarks/pi0_profile.py: split vs scanned layers, a trace)
 #
 # Needs, next to the checkout (both git-ignored): .openpi_src/ holding openpi's src/openpi and openpi_client at the
 # commit pinned in docs/pi0.md, and .whl/ holding the pure-Python wheels that machine lacks (jaxtyping==0.2.36,
@@ -29,6 +31,12 @@ if [ "${1:-serve}" = checkpoint ]; then
   shift
   bash benchmarks/pi0_checkpoint.sh "$@"
   exit $?
+fi
+
+if [ "${1:-serve}" = profile ]; then
+  shift
+  $PY benchmarks/pi0_profile.py --out "$OUT/profile" "$@" 2>&1 | tee "$OUT/profile.log"
+  exit "${PIPESTATUS[0]}"
 fi
 
 if [ "${1:-serve}" = model ]; then
