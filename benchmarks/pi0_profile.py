@@ -131,13 +131,13 @@ class Rig:
             model = nnx.merge(graphdef, params)
             obs = self._obs(cam, state, tokens, mask)
             if split:
-                kv, pmask = pi0_layers.prefill(model, layers, obs, engine.attn_mask)
+                kv, pmask = pi0_layers.prefill(model, layers, obs)
             else:
                 kv, pmask = engine.prefill(model, obs)
             if part == "prefix":
                 return kv
             if split:
-                v = pi0_layers.velocity_fn(model, layers, obs, kv, pmask, engine.attn_mask)
+                v = pi0_layers.velocity_fn(model, layers, obs, kv, pmask)
             else:
                 v = engine.velocity_fn(model, obs, kv, pmask)
             if part == "step":
@@ -171,14 +171,20 @@ class Rig:
         return {"p50_ms": p50(total), "min_ms": round(min(total), 3), "dispatch_p50_ms": p50(dispatch)}
 
 
-def part_split(rig: Rig, res: dict[str, Any]) -> None:
-    args = rig.inputs()
+def _time_parts(rig: Rig, args: tuple[Any, ...], res: dict[str, Any], split: bool) -> np.ndarray:
+    """Time the whole call, the prefix and prefix + one step into ``res``; returns the whole call's actions."""
+    out = None
     for part in ("full", "prefix", "step"):
-        compiled, secs = rig.compile(part, args)
+        compiled, secs = rig.compile(part, args, split=split)
         res[part] = {**rig.time(compiled, args), "compile_s": secs}
-        print(part, res[part], flush=True)
-    full = rig.compile("full", args)[0]
-    out = np.asarray(full(rig.params, *args))
+        if part == "full":
+            out = np.asarray(compiled(rig.params, *args))
+        print("layers" if split else "openpi", part, res[part], flush=True)
+    return out
+
+
+def part_split(rig: Rig, res: dict[str, Any]) -> None:
+    out = _time_parts(rig, rig.inputs(), res, split=False)
     res["full"]["mean_abs_action"] = round(float(np.abs(out).mean()), 4)
 
 
@@ -187,17 +193,12 @@ def part_layers(rig: Rig, res: dict[str, Any]) -> None:
     args = rig.inputs(token_len=48, real_len=12, seed=1)
     ref = np.asarray(rig.compile("full", args)[0](rig.params, *args))
     res["prepare_s"] = rig.prepare_s
-    for part in ("full", "prefix", "step"):
-        compiled, secs = rig.compile(part, args, split=True)
-        res[part] = {**rig.time(compiled, args), "compile_s": secs}
-        if part == "full":
-            out = np.asarray(compiled(rig.params, *args))
-            res[part].update(
-                max_abs_diff_vs_openpi=float(np.abs(out - ref).max()),
-                mean_abs_diff_vs_openpi=float(np.abs(out - ref).mean()),
-                mean_abs_action=float(np.abs(ref).mean()),
-            )
-        print("layers", part, res[part], flush=True)
+    out = _time_parts(rig, args, res, split=True)
+    res["full"].update(
+        max_abs_diff_vs_openpi=float(np.abs(out - ref).max()),
+        mean_abs_diff_vs_openpi=float(np.abs(out - ref).mean()),
+        mean_abs_action=float(np.abs(ref).mean()),
+    )
 
 
 def part_tokens(rig: Rig, res: dict[str, Any]) -> None:

@@ -127,8 +127,8 @@ def _reference(model, noise, state, steps=4):  # noqa: ANN001, ANN202
 def _split(model, noise, state, steps=4):  # noqa: ANN001, ANN202
     weights = pi0_layers.prepare(model.p, jnp.float32)
     obs = SimpleNamespace(state=state)
-    cache, pmask = pi0_layers.prefill(model, weights, obs, engine.attn_mask)
-    v = pi0_layers.velocity_fn(model, weights, obs, cache, pmask, engine.attn_mask)
+    cache, pmask = pi0_layers.prefill(model, weights, obs)
+    v = pi0_layers.velocity_fn(model, weights, obs, cache, pmask)
     return [k for k, _ in cache], v(noise, 0.6), engine.flow_sample(v, noise, steps)
 
 
@@ -179,6 +179,9 @@ def test_unsupported_names_what_the_split_layers_do_not_cover() -> None:
     lora = _params()
     lora["PaliGemma"]["llm"]["layers"]["mlp_1"]["gating_einsum_lora_a"] = np.zeros(1)
     assert "LoRA" in pi0_layers.unsupported(SimpleNamespace(pi05=False), lora)
+    attn_lora = _params()  # openpi's LoRA einsums keep their factors beside "w"
+    attn_lora["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum_1"]["lora_a"] = np.zeros(1)
+    assert "LoRA" in pi0_layers.unsupported(SimpleNamespace(pi05=False), attn_lora)
     multi = _params()
     multi["PaliGemma"]["llm"]["layers"]["attn"]["kv_einsum_1"]["w"] = np.zeros((DEPTH, 2, 2, WIDTH, HEAD_DIM))
     assert "key/value head" in pi0_layers.unsupported(SimpleNamespace(pi05=False), multi)

@@ -20,7 +20,15 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["attn_mask", "device_image", "flow_sample", "prefill", "resize_with_pad", "velocity_fn"]
+__all__ = [
+    "attn_mask",
+    "device_image",
+    "flow_sample",
+    "prefill",
+    "resize_with_pad",
+    "suffix_attention",
+    "velocity_fn",
+]
 
 
 def _jax() -> tuple[Any, Any]:
@@ -74,6 +82,16 @@ def prefill(model: Any, obs: Any) -> tuple[Any, Any]:
     return kv_cache, mask
 
 
+def suffix_attention(prefix_mask: Any, s_mask: Any, s_ar: Any) -> tuple[Any, Any]:
+    """openpi's flow-step attention: (mask [B, T, P + T]: the suffix sees the valid prefix and, by block, itself;
+    positions [B, T]: counted on from the prefix's valid tokens)."""
+    _, jnp = _jax()
+    b, t, p = s_mask.shape[0], s_mask.shape[1], prefix_mask.shape[1]
+    p_attn = jnp.broadcast_to(prefix_mask[:, None, :], (b, t, p))
+    full = jnp.concatenate([p_attn, attn_mask(s_mask, s_ar)], axis=-1)
+    return full, jnp.sum(prefix_mask, axis=-1)[:, None] + jnp.cumsum(s_mask, axis=-1) - 1
+
+
 def velocity_fn(model: Any, obs: Any, kv_cache: Any, prefix_mask: Any) -> Callable[[Any, Any], Any]:
     """``v(x_t [B, H, D], t) -> [B, H, D]``: the action expert over the cached prefix, as in openpi's step."""
     _, jnp = _jax()
@@ -82,9 +100,7 @@ def velocity_fn(model: Any, obs: Any, kv_cache: Any, prefix_mask: Any) -> Callab
 
     def v(x_t: Any, t: Any) -> Any:
         s_tokens, s_mask, s_ar, adarms = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (b,)))
-        p_attn = jnp.broadcast_to(prefix_mask[:, None, :], (b, s_tokens.shape[1], prefix_mask.shape[1]))
-        full = jnp.concatenate([p_attn, attn_mask(s_mask, s_ar)], axis=-1)
-        positions = jnp.sum(prefix_mask, axis=-1)[:, None] + jnp.cumsum(s_mask, axis=-1) - 1
+        full, positions = suffix_attention(prefix_mask, s_mask, s_ar)
         (_, out), _ = model.PaliGemma.llm(
             [None, s_tokens], mask=full, positions=positions, kv_cache=kv_cache, adarms_cond=[None, adarms]
         )

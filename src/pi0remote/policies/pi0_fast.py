@@ -141,8 +141,8 @@ class FastPi0Policy(_Pi0Base):
                 kv_cache, prefix_mask = engine.prefill(model, obs)
                 velocity = engine.velocity_fn(model, obs, kv_cache, prefix_mask)
             else:
-                kv_cache, prefix_mask = pi0_layers.prefill(model, layers, obs, engine.attn_mask)
-                velocity = pi0_layers.velocity_fn(model, layers, obs, kv_cache, prefix_mask, engine.attn_mask)
+                kv_cache, prefix_mask = pi0_layers.prefill(model, layers, obs)
+                velocity = pi0_layers.velocity_fn(model, layers, obs, kv_cache, prefix_mask)
             if guided:
                 prefix, prefix_len, delay = guide
                 x_0 = rtc.guided_sample(

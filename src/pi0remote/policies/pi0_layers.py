@@ -20,8 +20,10 @@ is not, and then the caller keeps openpi's own modules. Nothing here imports jax
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from .pi0_engine import attn_mask, suffix_attention
 
 __all__ = ["prefill", "prepare", "unsupported", "velocity_fn"]
 
@@ -38,6 +40,13 @@ def _llm_params(params: Any) -> Mapping[str, Any]:
     return pure["PaliGemma"]["llm"]
 
 
+def _keys(tree: Mapping[str, Any]) -> Iterator[Any]:
+    for key, value in tree.items():
+        yield key
+        if isinstance(value, Mapping):
+            yield from _keys(value)
+
+
 def unsupported(model: Any, params: Any) -> str | None:
     """Why the split layers cannot serve this model (None: they can)."""
     if getattr(model, "pi05", False):
@@ -48,8 +57,7 @@ def unsupported(model: Any, params: Any) -> str | None:
         attn = layers["attn"]
     except (KeyError, TypeError, AttributeError):
         return "no PaliGemma.llm.layers in the parameters"
-    names = {k for part in layers.values() if isinstance(part, Mapping) for k in part}
-    if any("lora" in str(k) for k in names) or any("lora" in str(k) for k in attn.get("attn_vec_einsum", {})):
+    if any("lora" in str(k) for k in _keys(layers)):
         return "LoRA weights are not covered"
     for suffix in ("", "_1"):
         if f"q_einsum{suffix}" not in attn or f"kv_einsum{suffix}" not in attn:
@@ -158,7 +166,7 @@ def layer(
 # -- the two passes of π₀'s sampler -----------------------------------------------------------------------------
 
 
-def prefill(model: Any, weights: Mapping[str, Any], obs: Any, attn_mask: Callable[[Any, Any], Any]) -> tuple[Any, Any]:
+def prefill(model: Any, weights: Mapping[str, Any], obs: Any) -> tuple[Any, Any]:
     """The prefix (image slots, then prompt) through PaliGemma's layers: (per-layer (keys, values), mask [B, P])."""
     _, jnp = _jax()
     tokens, mask, ar = model.embed_prefix(obs)
@@ -174,16 +182,14 @@ def prefill(model: Any, weights: Mapping[str, Any], obs: Any, attn_mask: Callabl
 
 
 def velocity_fn(
-    model: Any, weights: Mapping[str, Any], obs: Any, cache: list[Any], prefix_mask: Any, attn_mask: Callable
+    model: Any, weights: Mapping[str, Any], obs: Any, cache: list[Any], prefix_mask: Any
 ) -> Callable[[Any, Any], Any]:
     """``v(x_t [B, H, D], t)``: the action expert over the cached prefix, as openpi's flow step computes it."""
     _, jnp = _jax()
     b, horizon, suf = obs.state.shape[0], model.action_horizon, weights["suffix"]
     # openpi's own suffix masks (constants; the tokens of this probe call are unused and compiled away)
     _, s_mask, s_ar, _ = model.embed_suffix(obs, jnp.zeros((b, horizon, model.action_dim)), jnp.ones((b,)))
-    p_attn = jnp.broadcast_to(prefix_mask[:, None, :], (b, s_mask.shape[1], prefix_mask.shape[1]))
-    full = jnp.concatenate([p_attn, attn_mask(s_mask, s_ar)], axis=-1)
-    positions = jnp.sum(prefix_mask, axis=-1)[:, None] + jnp.cumsum(s_mask, axis=-1) - 1
+    full, positions = suffix_attention(prefix_mask, s_mask, s_ar)
     rope = rope_tables(positions, head_dim(suf["layers"][0]))
     dtype = suf["layers"][0]["qkv"].dtype
 
