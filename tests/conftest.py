@@ -14,6 +14,8 @@ import pytest
 from pi0remote.policies import CANONICAL_INPUT_SPEC, PolicyMetadata
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# π₀ policies turn on jax's persistent compilation cache (~/.cache by default); the suite writes none.
+os.environ.setdefault("PI0REMOTE_JAX_CACHE", "off")
 
 HAVE_QUIC = importlib.util.find_spec("aioquic") is not None and (
     importlib.util.find_spec("pi0remote.server.quic") is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -145,6 +146,60 @@ def test_metadata(fake):
     assert extra["checkpoint"] == "gs://openpi-assets/checkpoints/pi0_aloha_sim"
     assert extra["num_steps"] == 7 and extra["random_weights"] is False
     assert extra["device"] and extra["openpi_commit"] == pi0_mod.OPENPI_COMMIT
+    # the suite turns pi0remote's default off (conftest); jax's own setting would still win
+    assert extra["compile_cache"] == (os.environ.get("JAX_COMPILATION_CACHE_DIR") or None)
+
+
+@pytest.fixture
+def jax_cache_setting():
+    """jax's compilation-cache directory, put back after the test."""
+    jax = pytest.importorskip("jax")
+    before = jax.config.jax_compilation_cache_dir
+    yield jax
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_compile_cache_rules(jax_cache_setting, tmp_path):
+    from pi0remote.policies.pi0_common import use_compile_cache
+
+    jax = jax_cache_setting
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert use_compile_cache({"PI0REMOTE_JAX_CACHE": "off"}) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    home = tmp_path / "xdg"
+    assert use_compile_cache({"XDG_CACHE_HOME": str(home)}) == str(home / "pi0remote" / "jax")
+    assert (home / "pi0remote" / "jax").is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(home / "pi0remote" / "jax")
+    # a directory already set (JAX_COMPILATION_CACHE_DIR, or a caller) wins over ours
+    assert use_compile_cache({"PI0REMOTE_JAX_CACHE": str(tmp_path / "other")}) == str(home / "pi0remote" / "jax")
+    jax.config.update("jax_compilation_cache_dir", None)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert use_compile_cache({"PI0REMOTE_JAX_CACHE": str(blocked / "sub")}) is None
+
+
+def test_compile_cache_reaches_metadata(fake, jax_cache_setting, monkeypatch, tmp_path):
+    jax_cache_setting.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("PI0REMOTE_JAX_CACHE", str(tmp_path / "jc"))
+    assert pi0_mod.make_pi0_policy().metadata.to_dict()["compile_cache"] == str(tmp_path / "jc")
+
+
+def test_compile_cache_keeps_compiled_programs(tmp_path):
+    """In a fresh process (jax reads the setting at its first compile), a compile leaves an entry there."""
+    pytest.importorskip("jax")
+    import subprocess
+
+    code = (
+        "from pi0remote.policies.pi0_common import use_compile_cache; import jax; "
+        "print(use_compile_cache()); print(jax.jit(lambda x: x * 3 + 1)(2.0))"
+    )
+    env = {**os.environ, "PI0REMOTE_JAX_CACHE": str(tmp_path / "jc"), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "jc"), "7.0"]
+    assert any((tmp_path / "jc").iterdir())
 
 
 def test_pytorch_port_is_stubbed_only_when_it_cannot_import(fake):

@@ -34,6 +34,7 @@ from .pi0_common import (
     _bucket,
     _import_openpi,
     logger,
+    use_compile_cache,
 )
 from .pi0_fast import FastPi0Policy
 from .pi0_host import FastPathUnsupported
@@ -99,11 +100,14 @@ def make_pi0_policy(
     ``warmup()`` then compiles every padded size up to it. ``rtc_beta`` / ``rtc_schedule``: real-time chunking
     on the fast path (``--rtc-beta``, ``--rtc-schedule``; the other paths answer ``rtc`` with
     ``InvalidInputError``). Other options are ignored, except ``seed`` and ``image_slots`` for random weights.
+    jax's persistent compilation cache is turned on first (:func:`pi0_common.use_compile_cache`; metadata
+    ``compile_cache`` names the directory).
     """
     config = config or DEFAULT_CONFIG
     num_steps = 10 if num_steps is None else int(num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    cache = use_compile_cache()
     if random_weights:
         if checkpoint:
             logger.warning("pi0: --random-weights given, ignoring checkpoint %s", checkpoint)
@@ -120,6 +124,7 @@ def make_pi0_policy(
         rtc_options = {k: options[k] for k in ("rtc_beta", "rtc_schedule") if options.get(k) is not None}
         policy = _checkpoint_policy(config, checkpoint, num_steps, prompt, bool(exact), rtc_options)
     policy.set_max_batch(options.get("max_batch"))
+    policy.metadata.extra["compile_cache"] = cache
     return policy
 
 
