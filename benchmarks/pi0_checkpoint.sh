@@ -10,7 +10,9 @@
 #  4. the same with --exact: tcp round trip at batch 1;
 #  5. openpi's own WebsocketPolicyServer on the same checkpoint (benchmarks/openpi_reference.py): openpi_client
 #     round trip at batch 1, then 8 client processes (pi0remote's openpi:// client);
-#  6. benchmarks/pi0_checkpoint_summary.py: the ratios, into $OUT/results.json.
+#  6. (PARTS=...,restart) the fast server started twice on an empty compilation cache of its own: seconds to
+#     `ready` on a first start and on a restart, into $WORK/restart.json;
+#  7. benchmarks/pi0_checkpoint_summary.py: the ratios, into $OUT/results.json.
 #
 # PARTS (default "make,check,fast,openpi,exact") picks steps; CHECK_PARTS goes to step 2 (default
 # equiv,floor,rtc,timing).
@@ -118,6 +120,26 @@ if has exact; then
   fi
   cat "$WORK/serve_exact.log" >>"$LOGS"
   stop_server
+fi
+if has restart; then
+  # pi0remote's own compilation cache (no JAX_COMPILATION_CACHE_DIR), empty: the fast server's first start, then
+  # a restart that reads what the first compiled; seconds from launch to `ready` into $WORK/restart.json.
+  log "restart: first start and restart on an empty compilation cache"
+  SAVED_CACHE=${JAX_COMPILATION_CACHE_DIR:-}
+  unset JAX_COMPILATION_CACHE_DIR
+  export PI0REMOTE_JAX_CACHE=$(mktemp -d)
+  READY=()
+  for k in 1 2; do
+    T0=$(date +%s.%N)
+    serve_pi0 "restart_$k" --max-batch 8 && READY+=("$($PY -c "import time; print(round(time.time() - $T0, 1))")")
+    [ "$k" = 2 ] && [ -n "$SERVER" ] && bench restart_b1 "$(tcp_url "$WORK/restart_2.log")" --n 100 --warmup 5
+    grep -iE "loaded|compiled|warm" "$WORK/restart_$k.log" | tail -n 12 >>"$LOGS"
+    stop_server
+  done
+  $PY -c 'import json, sys; print(json.dumps({"ready_s": [float(x) for x in sys.argv[2:]], "cache": sys.argv[1]}))' \
+    "$PI0REMOTE_JAX_CACHE" "${READY[@]}" | tee "$WORK/restart.json" | tee -a "$LOGS"
+  unset PI0REMOTE_JAX_CACHE
+  [ -n "$SAVED_CACHE" ] && export JAX_COMPILATION_CACHE_DIR=$SAVED_CACHE
 fi
 log "summary"
 trap stop_server EXIT

@@ -48,6 +48,9 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
     h["openpi_8clients_calls_per_s"] = oc.get("throughput_calls_per_s")
     if h["fast_8clients_calls_per_s"] and h["openpi_8clients_calls_per_s"]:
         h["throughput_ratio"] = round(h["fast_8clients_calls_per_s"] / h["openpi_8clients_calls_per_s"], 2)
+    restart = r.get("restart") or {}
+    h["ready_s_first_start_and_restart"] = restart.get("ready_s")
+    h["restart_tcp_b1_ms"] = rtt(r.get("restart_b1"))
     check = r.get("check") or {}
     batches = (check.get("timing") or {}).get("fast_batches") or {}
     if "8" in batches:
@@ -71,7 +74,7 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     r: dict[str, Any] = {"make": load(work, "make.json"), "check": load(work, "pi0_checkpoint_check.json")}
-    for name in ("fast_b1", "fast_clients8", "exact_b1", "openpi_b1", "openpi_clients8"):
+    for name in ("fast_b1", "fast_clients8", "exact_b1", "openpi_b1", "openpi_clients8", "restart", "restart_b1"):
         r[name] = strip(load(work, f"{name}.json"))
     r["headline"] = headline(r)
     out.write_text(json.dumps(r, indent=2, default=str))
