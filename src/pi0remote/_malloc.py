@@ -3,7 +3,8 @@
 Each request allocates a few buffers of about the camera frame's size. glibc serves blocks over its
 mmap threshold (128 KiB by default) with a fresh ``mmap`` and trims the heap top above 128 KiB, so every
 call page-faults its buffers in again: measured here, a msgpack encode+decode round trip of the canonical
-request took 144 µs with the defaults and 22 µs with the thresholds below (docs/decisions.md).
+request took 83 µs with the defaults and 21 µs with the thresholds below (docs/decisions.md;
+``benchmarks/malloc_tuning.py``).
 Raising them costs at most tens of MB of retained heap. Set ``PI0REMOTE_MALLOC_TUNING=0`` to leave
 the process's allocator alone.
 """
