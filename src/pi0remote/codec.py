@@ -185,12 +185,37 @@ def _scalar_from(value: Any, type_str: Any) -> Any:
         raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
 
 
-def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0remote") -> None:
-    """Pack an array's map up to its ``data`` key, for a caller that appends the bin header and the memory.
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
-    Followed by ``bin(obj.nbytes)`` and the array's bytes, this is exactly what :func:`packb` writes for a
-    C-contiguous array of an allowed dtype (``protocol.encode_message_parts`` sends the memory uncopied).
+
+_HEADS: dict[tuple[str, np.dtype, tuple[int, ...]], bytes] = {}
+""":func:`array_head` by (layout, dtype, shape): a robot sends the same few arrays on every call."""
+
+
+def array_head(obj: np.ndarray, layout: str = "pi0remote") -> bytes:
+    """An array's map up to its data: the map header, the fields, the ``data`` key and its bin header.
+
+    Followed by the array's bytes, this is exactly what :func:`packb` writes for a C-contiguous array of
+    an allowed dtype (``protocol.encode_message_parts`` sends the memory uncopied). Built once per layout,
+    dtype and shape.
     """
+    key = (layout, obj.dtype, obj.shape)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _pack_head(obj, layout)
+        if len(_HEADS) < 64:
+            _HEADS[key] = head
+    return head
+
+
+def _pack_head(obj: np.ndarray, layout: str) -> bytes:
+    if obj.dtype.kind not in ALLOWED_KINDS:
+        raise CodecError(f"cannot send arrays of dtype {obj.dtype}")
     if layout == "pi0remote":
         fields: tuple[tuple[bytes, Any], ...] = (
             (b"nd", True),
@@ -201,11 +226,13 @@ def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0r
     else:
         _default_for(layout)  # an unknown layout is a ValueError
         fields = ((b"__ndarray__", True), (b"dtype", obj.dtype.str), (b"shape", obj.shape))
+    packer = new_packer(layout)
     packer.pack_map_header(len(fields) + 1)
     for key, value in fields:
         packer.pack(key)
         packer.pack(value)
     packer.pack(b"data")
+    return packer.bytes() + _bin_header(obj.nbytes)
 
 
 def packb(obj: Any, *, layout: str = "pi0remote") -> bytes:
