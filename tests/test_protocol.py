@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pi0remote import codec, protocol
-from pi0remote.errors import MessageTooLarge, ProtocolError, VersionMismatch
+from pi0remote.errors import CodecError, MessageTooLarge, ProtocolError, VersionMismatch
 
 
 def frame(message: bytes) -> bytes:
@@ -97,6 +97,22 @@ def test_result_carries_its_own_encode_time() -> None:
     # HTTP carries the body without the kind byte
     plain = protocol.encode_result({"action": np.zeros(2)}, {"policy_ms": 0.0}, started, with_kind=False)
     assert "server_timing" in codec.unpackb(plain)
+
+
+def test_message_parts_join_to_the_message() -> None:
+    """Scatter-gather parts (large C-contiguous arrays sent from their memory, heads from a cache)."""
+    big = np.arange(3 * 224 * 224, dtype=np.uint8).reshape(3, 224, 224)
+    bodies = [
+        {"cam_high": big, "state": np.arange(14, dtype=np.float32)},
+        {"f": np.asfortranarray(big), "be": big.astype(">u2"), "small": big[0, 0]},
+        {"sliced": big[:, ::2], "empty": np.zeros((0, 40000), np.uint8), "x": 1, "s": "text"},
+    ]
+    for body in bodies * 2:
+        parts = protocol.encode_message_parts(protocol.INFER, body)
+        assert b"".join(parts) == protocol.encode_message(protocol.INFER, body)
+    assert len(protocol.encode_message_parts(protocol.INFER, bodies[0])) == 3  # the camera uncopied
+    with pytest.raises(CodecError):
+        protocol.encode_message_parts(protocol.INFER, {"t": np.zeros(40000, "M8[s]")})
 
 
 @pytest.mark.parametrize("size", [0, 5, 125, 126, 1000, 70000])

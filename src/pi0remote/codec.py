@@ -9,8 +9,9 @@ Rules (docs/protocol.md has the byte-level description):
   b"data": <number>, b"dtype"}``). Decoding accepts both, always.
 * Never pickle. Only bool, signed/unsigned integer, float and complex dtypes are accepted; object, void,
   string and datetime dtypes are rejected with :class:`~pi0remote.errors.CodecError`.
-* Arrays are encoded from the array's own memory (no ``tobytes`` copy when C-contiguous) and decoded as
-  read-only views over the received ``bin`` object (no copy). Copy an array before writing into it.
+* Arrays over :data:`SMALL_ARRAY_BYTES` are encoded from the array's own memory (no ``tobytes`` copy when
+  C-contiguous; smaller ones are cheaper to copy) and decoded as read-only views over the received ``bin``
+  object (no copy). Copy an array before writing into it.
 """
 
 from __future__ import annotations
@@ -29,14 +30,22 @@ ALLOWED_KINDS = frozenset("biufc")
 LAYOUTS = ("pi0remote", "openpi")
 
 
+SMALL_ARRAY_BYTES = 4096
+"""Arrays up to this size are copied (``tobytes``, any layout): cheaper than exporting their buffer."""
+
+
 def _array_bytes(obj: np.ndarray) -> tuple[np.ndarray, Any]:
     if obj.dtype.kind not in ALLOWED_KINDS:
         raise CodecError(
             f"cannot send arrays of dtype {obj.dtype} (allowed kinds: bool, int, uint, float, complex)"
         )
-    if not obj.flags.c_contiguous:
-        obj = np.ascontiguousarray(obj)
-    return obj, (memoryview(obj).cast("B") if obj.ndim and obj.size else obj.tobytes())
+    if obj.nbytes <= SMALL_ARRAY_BYTES:
+        return obj, obj.tobytes()  # C order, whatever the layout (0-d and empty arrays too)
+    view = memoryview(obj)
+    if view.c_contiguous:
+        return obj, view.cast("B")
+    obj = np.ascontiguousarray(obj)
+    return obj, memoryview(obj).cast("B")
 
 
 def _other(obj: Any) -> Any:
@@ -47,21 +56,35 @@ def _other(obj: Any) -> Any:
     raise CodecError(f"cannot encode objects of type {type(obj).__name__}")
 
 
+_TYPE_STR: dict[np.dtype, str] = {}
+"""``dtype.str`` of the allowed dtypes sent before (numpy builds that string on every access)."""
+
+
+def _type_str(dtype: np.dtype) -> str:
+    """``dtype.str``, from :data:`_TYPE_STR` after the first time (a handful of dtypes in practice)."""
+    text = _TYPE_STR.get(dtype)
+    if text is None:
+        text = dtype.str
+        if len(_TYPE_STR) < 64:
+            _TYPE_STR[dtype] = text
+    return text
+
+
 def _encode_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         dtype = obj.dtype
-        if dtype.kind in ALLOWED_KINDS and obj.ndim and obj.size:  # hot path: C-contiguous, as most are
-            view = memoryview(obj)
-            if view.c_contiguous:
-                return {
-                    b"nd": True,
-                    b"type": dtype.str,
-                    b"kind": b"",
-                    b"shape": obj.shape,
-                    b"data": view.cast("B"),
-                }
-        obj, data = _array_bytes(obj)
-        return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": data}
+        if dtype.kind in ALLOWED_KINDS and obj.nbytes <= SMALL_ARRAY_BYTES:  # the hot path, inline
+            data: Any = obj.tobytes()
+        else:
+            obj, data = _array_bytes(obj)
+            dtype = obj.dtype
+        return {
+            b"nd": True,
+            b"type": _TYPE_STR.get(dtype) or _type_str(dtype),
+            b"kind": b"",
+            b"shape": obj.shape,
+            b"data": data,
+        }
     if isinstance(obj, np.generic) and obj.dtype.kind in ALLOWED_KINDS:
         return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
     return _other(obj)
@@ -162,12 +185,37 @@ def _scalar_from(value: Any, type_str: Any) -> Any:
         raise CodecError(f"bad numpy scalar value {value!r:.40} for {dtype}") from exc
 
 
-def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0remote") -> None:
-    """Pack an array's map up to its ``data`` key, for a caller that appends the bin header and the memory.
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
-    Followed by ``bin(obj.nbytes)`` and the array's bytes, this is exactly what :func:`packb` writes for a
-    C-contiguous array of an allowed dtype (``protocol.encode_message_parts`` sends the memory uncopied).
+
+_HEADS: dict[tuple[str, np.dtype, tuple[int, ...]], bytes] = {}
+""":func:`array_head` by (layout, dtype, shape): a robot sends the same few arrays on every call."""
+
+
+def array_head(obj: np.ndarray, layout: str = "pi0remote") -> bytes:
+    """An array's map up to its data: the map header, the fields, the ``data`` key and its bin header.
+
+    Followed by the array's bytes, this is exactly what :func:`packb` writes for a C-contiguous array of
+    an allowed dtype (``protocol.encode_message_parts`` sends the memory uncopied). Built once per layout,
+    dtype and shape.
     """
+    key = (layout, obj.dtype, obj.shape)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _pack_head(obj, layout)
+        if len(_HEADS) < 64:
+            _HEADS[key] = head
+    return head
+
+
+def _pack_head(obj: np.ndarray, layout: str) -> bytes:
+    if obj.dtype.kind not in ALLOWED_KINDS:
+        raise CodecError(f"cannot send arrays of dtype {obj.dtype}")
     if layout == "pi0remote":
         fields: tuple[tuple[bytes, Any], ...] = (
             (b"nd", True),
@@ -178,11 +226,13 @@ def pack_array_head(packer: msgpack.Packer, obj: np.ndarray, layout: str = "pi0r
     else:
         _default_for(layout)  # an unknown layout is a ValueError
         fields = ((b"__ndarray__", True), (b"dtype", obj.dtype.str), (b"shape", obj.shape))
+    packer = new_packer(layout)
     packer.pack_map_header(len(fields) + 1)
     for key, value in fields:
         packer.pack(key)
         packer.pack(value)
     packer.pack(b"data")
+    return packer.bytes() + _bin_header(obj.nbytes)
 
 
 def packb(obj: Any, *, layout: str = "pi0remote") -> bytes:

@@ -70,14 +70,6 @@ ZERO_COPY_MIN_BYTES = 16384
 """Arrays at least this large are sent from their own memory by :func:`encode_message_parts`."""
 
 
-def _bin_header(n: int) -> bytes:
-    if n < 1 << 8:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 1 << 16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
 def encode_message_parts(kind: int, body: dict[str, Any]) -> list[bytes | memoryview]:
     """The same bytes as :func:`encode_message`, as a list of buffers for one scatter-gather write.
 
@@ -95,15 +87,15 @@ def encode_message_parts(kind: int, body: dict[str, Any]) -> list[bytes | memory
             if (
                 isinstance(value, np.ndarray)
                 and value.nbytes >= ZERO_COPY_MIN_BYTES
-                and value.flags.c_contiguous
                 and value.dtype.kind in codec.ALLOWED_KINDS
             ):
-                codec.pack_array_head(packer, value)
-                parts.append(packer.bytes() + _bin_header(value.nbytes))
-                packer.reset()
-                parts.append(memoryview(value).cast("B"))
-            else:
-                packer.pack(value)
+                view = memoryview(value)  # one buffer export: its contiguity, then its bytes
+                if view.c_contiguous:
+                    parts.append(packer.bytes() + codec.array_head(value))
+                    packer.reset()
+                    parts.append(view.cast("B"))
+                    continue
+            packer.pack(value)
     except CodecError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:

@@ -112,12 +112,15 @@ class PolicyRunner:
 
     # -- single-request path -------------------------------------------------------------------
     def _call_one(self, obs: dict[str, Any]) -> tuple[dict[str, Any] | BaseException, float]:
+        lock = self._lock
         t0 = time.perf_counter()
+        lock.acquire()  # not ``with``: on every call, and measurably cheaper
         try:
-            with self._lock:
-                result: dict[str, Any] | BaseException = self.policy.infer(obs)
+            result: dict[str, Any] | BaseException = self.policy.infer(obs)
         except BaseException as exc:  # noqa: B036 - the policy's failure is this call's error, not the server's
             result = _as_call_error(exc)
+        finally:
+            lock.release()
         return result, (time.perf_counter() - t0) * 1000.0
 
     def _call_batch(self, batch: list[dict[str, Any]]) -> tuple[list[Any], float]:
