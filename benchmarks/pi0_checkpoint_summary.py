@@ -74,7 +74,15 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     r: dict[str, Any] = {"make": load(work, "make.json"), "check": load(work, "pi0_checkpoint_check.json")}
-    for name in ("fast_b1", "fast_clients8", "exact_b1", "openpi_b1", "openpi_clients8", "restart", "restart_b1"):
+    for name in (
+        "fast_b1",
+        "fast_clients8",
+        "exact_b1",
+        "openpi_b1",
+        "openpi_clients8",
+        "restart",
+        "restart_b1",
+    ):
         r[name] = strip(load(work, f"{name}.json"))
     r["headline"] = headline(r)
     out.write_text(json.dumps(r, indent=2, default=str))

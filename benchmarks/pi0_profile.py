@@ -95,12 +95,16 @@ class Rig:
         self.prepare_s = round(time.perf_counter() - t0, 2)
         self.n = 40
 
-    def inputs(self, batch: int = 1, token_len: int = 48, real_len: int = 12, seed: int = 0) -> tuple[Any, ...]:
+    def inputs(
+        self, batch: int = 1, token_len: int = 48, real_len: int = 12, seed: int = 0
+    ) -> tuple[Any, ...]:
         rng = np.random.default_rng(seed)
         cam = rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
         state = rng.uniform(-1, 1, (batch, 32)).astype(np.float32)
         noise = rng.standard_normal((batch, 50, 32)).astype(np.float32)
-        tokens = rng.integers(1, 1000, (batch, 48)).astype(np.int32)[:, :token_len]  # the same ids at any length
+        tokens = rng.integers(1, 1000, (batch, 48)).astype(np.int32)[
+            :, :token_len
+        ]  # the same ids at any length
         mask = np.zeros((batch, token_len), bool)
         mask[:, : min(real_len, token_len)] = True
         return self.jax.device_put((cam, state, tokens, mask, noise))
@@ -208,7 +212,10 @@ def part_tokens(rig: Rig, res: dict[str, Any]) -> None:
         compiled, secs = rig.compile("full", args)
         out = np.asarray(compiled(rig.params, *args))
         ref = out if ref is None else ref
-        res[f"tokens_{length}"] = {**rig.time(compiled, args), "max_abs_diff_vs_48": float(np.abs(out - ref).max())}
+        res[f"tokens_{length}"] = {
+            **rig.time(compiled, args),
+            "max_abs_diff_vs_48": float(np.abs(out - ref).max()),
+        }
         print("tokens", length, res[f"tokens_{length}"], flush=True)
 
 
@@ -220,7 +227,11 @@ def part_options(rig: Rig, res: dict[str, Any], names: list[str]) -> None:
             compiled, secs = rig.compile("full", args, VARIANTS[name])
             out = np.asarray(compiled(rig.params, *args))
             ref = out if ref is None else ref
-            res[name] = {**rig.time(compiled, args), "compile_s": secs, "max_abs_diff": float(np.abs(out - ref).max())}
+            res[name] = {
+                **rig.time(compiled, args),
+                "compile_s": secs,
+                "max_abs_diff": float(np.abs(out - ref).max()),
+            }
         except Exception as exc:  # noqa: BLE001 - an option this XLA lacks is a result too
             res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print("options", name, res[name], flush=True)
@@ -232,7 +243,9 @@ def summarize_trace(trace_dir: Path, calls: int) -> dict[str, Any]:
         return {"error": f"no trace file under {trace_dir}"}
     data = json.loads(gzip.open(files[-1]).read())
     events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n or "device" in n.lower()}
     kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur") is not None]
     by: dict[str, list[float]] = {}
@@ -247,7 +260,10 @@ def summarize_trace(trace_dir: Path, calls: int) -> dict[str, Any]:
         "kernels_per_call": round(len(kern) / calls, 1),
         "gpu_busy_ms_per_call": round(busy, 3),
         "span_ms_all_calls": round(span, 3),
-        "top": [{"name": k[:120], "count": len(v) / calls, "total_ms": round(sum(v) / 1e3 / calls, 4)} for k, v in top],
+        "top": [
+            {"name": k[:120], "count": len(v) / calls, "total_ms": round(sum(v) / 1e3 / calls, 4)}
+            for k, v in top
+        ],
     }
 
 
@@ -265,7 +281,12 @@ def part_trace(rig: Rig, res: dict[str, Any], out: Path, variant: str) -> None:
             jax.block_until_ready(compiled(rig.params, *args))
     res[variant] = summarize_trace(tdir, calls)
     r = res[variant]
-    print("trace", variant, {k: r.get(k) for k in ("kernels_per_call", "gpu_busy_ms_per_call", "error")}, flush=True)
+    print(
+        "trace",
+        variant,
+        {k: r.get(k) for k in ("kernels_per_call", "gpu_busy_ms_per_call", "error")},
+        flush=True,
+    )
     for row in r.get("top", [])[:25]:
         print(f"  {row['total_ms']:8.3f} ms  x{row['count']:6.1f}  {row['name']}")
 
@@ -307,7 +328,9 @@ def main() -> None:
     for name in ("layers", "split", "tokens", "options"):
         for k, v in results.get(name, {}).items():
             if isinstance(v, dict):
-                print(f"{name:8s} {k:22s} {v.get('p50_ms', v.get('error', ''))}  dispatch {v.get('dispatch_p50_ms', '')}")
+                print(
+                    f"{name:8s} {k:22s} {v.get('p50_ms', v.get('error', ''))}  dispatch {v.get('dispatch_p50_ms', '')}"
+                )
 
 
 if __name__ == "__main__":

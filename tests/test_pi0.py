@@ -171,7 +171,9 @@ def test_compile_cache_rules(jax_cache_setting, tmp_path):
     assert (home / "pi0remote" / "jax").is_dir()
     assert jax.config.jax_compilation_cache_dir == str(home / "pi0remote" / "jax")
     # a directory already set (JAX_COMPILATION_CACHE_DIR, or a caller) wins over ours
-    assert use_compile_cache({"PI0REMOTE_JAX_CACHE": str(tmp_path / "other")}) == str(home / "pi0remote" / "jax")
+    assert use_compile_cache({"PI0REMOTE_JAX_CACHE": str(tmp_path / "other")}) == str(
+        home / "pi0remote" / "jax"
+    )
     jax.config.update("jax_compilation_cache_dir", None)
     blocked = tmp_path / "file"
     blocked.write_text("")
@@ -193,8 +195,12 @@ def test_compile_cache_keeps_compiled_programs(tmp_path):
         "from pi0remote.policies.pi0_common import use_compile_cache; import jax; "
         "print(use_compile_cache()); print(jax.jit(lambda x: x * 3 + 1)(2.0))"
     )
-    env = {**os.environ, "PI0REMOTE_JAX_CACHE": str(tmp_path / "jc"), "JAX_PLATFORMS": "cpu",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        "PI0REMOTE_JAX_CACHE": str(tmp_path / "jc"),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -80,7 +80,9 @@ def _rope(x, positions):  # noqa: ANN001, ANN202
     freq = (2.0 / x.shape[-1]) * jnp.arange(x.shape[-1] // 2, dtype=jnp.float32)
     radians = (positions[..., None] / (10_000**freq)[None, None, :])[..., None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * jnp.cos(radians) - x2 * jnp.sin(radians), x2 * jnp.cos(radians) + x1 * jnp.sin(radians)], -1)
+    return jnp.concatenate(
+        [x1 * jnp.cos(radians) - x2 * jnp.sin(radians), x2 * jnp.cos(radians) + x1 * jnp.sin(radians)], -1
+    )
 
 
 def _block(llm, sfx, i, x, positions, mask, cache=None):  # noqa: ANN001, ANN202
@@ -113,7 +115,13 @@ def _reference(model, noise, state, steps=4):  # noqa: ANN001, ANN202
 
     def velocity(x_t, t):  # noqa: ANN001, ANN202
         s_tok, s_mask, s_ar, _ = model.embed_suffix(obs, x_t, jnp.broadcast_to(t, (b,)))
-        full = jnp.concatenate([jnp.broadcast_to(pmask[:, None], (b, HORIZON + 1, pmask.shape[1])), engine.attn_mask(s_mask, s_ar)], -1)
+        full = jnp.concatenate(
+            [
+                jnp.broadcast_to(pmask[:, None], (b, HORIZON + 1, pmask.shape[1])),
+                engine.attn_mask(s_mask, s_ar),
+            ],
+            -1,
+        )
         pos = jnp.sum(pmask, -1)[:, None] + jnp.cumsum(s_mask, -1) - 1
         y = s_tok
         for i in range(DEPTH):

@@ -152,7 +152,9 @@ def layer(
     q = q * hd**-0.5
     k = _rope(qkv[..., nq : nq + hd][:, :, None, :], *rope)[:, :, 0]
     v = qkv[..., nq + hd :]
-    keys, values = (k, v) if cache is None else (jnp.concatenate([cache[0], k], 1), jnp.concatenate([cache[1], v], 1))
+    keys, values = (
+        (k, v) if cache is None else (jnp.concatenate([cache[0], k], 1), jnp.concatenate([cache[1], v], 1))
+    )
     logits = jnp.einsum("btnh,bsh->btns", q, keys, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], logits, BIG_NEG), axis=-1).astype(x.dtype)
     encoded = jnp.einsum("btns,bsh->btnh", probs, values).reshape(b, t, nq)
