@@ -207,6 +207,37 @@ def test_policy_timeout_in_process(trap) -> None:
         assert client.infer(obs)["action"].shape == (50, 14)
 
 
+def test_policy_deadline_is_each_calls_own() -> None:
+    """One timer serves back-to-back calls: a call that outlives the previous call's deadline but not its own
+    is served; a call that outlives its own is answered with PolicyTimeout at its deadline."""
+    import asyncio
+
+    import numpy as np
+
+    from pi0remote.server.runner import PolicyRunner
+
+    class Working:
+        def infer(self, obs):
+            time.sleep(obs["work_s"])  # the policy's own work
+            return {"action": np.zeros((50, 14), np.float32)}
+
+    runner = PolicyRunner(Working(), timeout=0.6)
+
+    async def calls() -> list:
+        out = []
+        for work_s in (0.3, 0.45, 1.2):  # the 0.45 s call runs past the first call's deadline (0.6 s)
+            t0 = time.perf_counter()
+            result, _ = await runner.submit({"work_s": work_s})
+            out.append((result, time.perf_counter() - t0))
+        return out
+
+    (first, _), (second, _), (third, waited) = asyncio.run(calls())
+    assert first["action"].shape == (50, 14) and second["action"].shape == (50, 14)
+    assert isinstance(third, PolicyTimeout)
+    assert 0.55 < waited < 1.1  # at its own deadline, not when it returned (1.2 s)
+    runner.close()
+
+
 # -- connections ---------------------------------------------------------------------------------------
 def test_per_address_and_total_connection_limits(trap) -> None:
     socks, _ = A.open_many(_addr(trap, "tcp"), 25)  # limit 20 from one address
