@@ -270,20 +270,23 @@ class PolicyRunner:
     def _watch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         """Give this call its deadline. One timer serves back-to-back calls: when it fires it re-arms itself
         for the running call's deadline, instead of one asyncio timer per call (~20 µs each here)."""
+        timeout = self.timeout or 0.0
         self._watched = jobs
-        self._deadline = time.perf_counter() + (self.timeout or 0.0)
+        self._deadline = time.perf_counter() + timeout
         if self._watchdog is None or self._watch_loop is not loop:
             self._watch_loop = loop
-            self._watchdog = loop.call_later(self.timeout or 0.0, self._check_deadline)
+            self._watchdog = loop.call_later(timeout, self._check_deadline, loop)
 
-    def _check_deadline(self) -> None:
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._watch_loop:
+            return  # armed on a loop the runner has since left: that loop's timer is not ours any more
         self._watchdog = None
         jobs = self._watched
-        if jobs is None or self._watch_loop is None:
+        if jobs is None:
             return  # idle: the next call arms it again
         left = self._deadline - time.perf_counter()
         if left > 0:
-            self._watchdog = self._watch_loop.call_later(left, self._check_deadline)
+            self._watchdog = loop.call_later(left, self._check_deadline, loop)
         else:
             self._stuck(jobs)
 
